@@ -24,6 +24,52 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_epilog(cls: type) -> str:
+    """Every config key with its default and its comment, for ``--help``."""
+    import dataclasses
+
+    from mirseg.config import field_help
+
+    helps = field_help(cls)
+    lines = ["configuration keys (key=value on the command line, or in the YAML file):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  {f.name} (default: {default!r})\n      {helps.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _train_config(args: argparse.Namespace):
+    from mirseg.config import TrainConfig, load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["resume"] = True
+    if args.weights:
+        overrides["weights"] = args.weights
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mirseg.train import train
+
+    result = train(_train_config(args))
+    print(f"best: {result.best}  last: {result.last}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mirseg.checkpoint import read_checkpoint
+    from mirseg.config import TrainConfig, load_config
+    from mirseg.train import evaluate_checkpoint
+
+    # The checkpoint's own config (test scale, mode, background mode) is the default.
+    saved = read_checkpoint(args.checkpoint).get("config") or {}
+    cfg = load_config(TrainConfig, args.config, args.overrides, base=saved)
+    metrics = evaluate_checkpoint(args.checkpoint, cfg)
+    print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirseg {__version__}")
@@ -32,15 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the architectures and presets")
     p.add_argument("--configs", action="store_true", help="also list the mmseg config paths accepted")
     p.set_defaults(func=_cmd_models)
+
+    from mirseg.config import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a network on COCO or label-PNG data",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(TrainConfig),
+        description="Train a network. Example:\n  mirseg train config_file=fastscnn train_ann=train.json "
+                    "train_images=images/ val_ann=val.json val_images=images/ max_iters=2000",
+    )
+    p.add_argument("config", nargs="?", help="YAML file of configuration keys (optional)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys, override the file")
+    p.add_argument("--resume", action="store_true", help="continue work_dir/last.pth with the same schedule")
+    p.add_argument("--weights", help="initial weights: mirseg or mmseg checkpoint, or a state dict")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on a labelled dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(TrainConfig),
+        description="Evaluate a mirseg checkpoint; the checkpoint's config is the default. Example:\n"
+                    "  mirseg eval runs/train/best.pth val_ann=val.json val_images=images/",
+    )
+    p.add_argument("checkpoint", help="a mirseg checkpoint (best.pth, last.pth)")
+    p.add_argument("config", nargs="?", help="YAML file of configuration keys (optional)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys (val_ann=..., ...)")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # A first positional with "=" is an override, not a YAML file.
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logging.getLogger("mirseg").error("%s", exc)
         return 2
 

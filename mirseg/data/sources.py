@@ -1,0 +1,103 @@
+"""From a training config's data keys to samples and the model's class list.
+
+Two layouts per split (``train`` / ``val``):
+
+* COCO: ``<split>_ann`` (a COCO JSON) + ``<split>_images`` (a folder, or a text file listing image
+  paths, one per line; the first tab-separated column is used, relative paths are relative to the
+  list file). Classes: ``class_names``, or the train JSON's ``categories`` in file order.
+  The model's classes get ``background`` first unless ``ignore_blank_area`` is true.
+* Label PNGs: ``<split>_images`` + ``<split>_labels`` (a folder of PNGs matched by stem);
+  ``class_names`` must be given and label value i is ``class_names[i]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mirseg.data.coco import dataset_classes, load_coco
+from mirseg.data.dataset import DatasetError
+from mirseg.data.labelfolder import load_label_folder
+
+log = logging.getLogger("mirseg")
+
+LIST_SUFFIXES = (".txt", ".tsv", ".lst", ".list")
+
+
+@dataclass
+class Split:
+    """Samples of one split and the model's class list (background first when there is one)."""
+
+    samples: list[Any] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+
+
+def image_source(path: str) -> str | list[str]:
+    """A folder stays a folder; a list file becomes its list of image paths."""
+    p = Path(path)
+    if p.is_dir():
+        return str(p)
+    if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+        paths = []
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            item = Path(line.split("\t")[0])
+            paths.append(str(item if item.is_absolute() else p.parent / item))
+        return paths
+    if p.is_file():
+        raise DatasetError(f"{p} is neither an image folder nor a list file ({', '.join(LIST_SUFFIXES)})")
+    raise DatasetError(f"image folder or list {p} does not exist")
+
+
+def coco_category_names(path: str) -> list[str]:
+    """Category names of a COCO JSON, in file order (the default class order)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"COCO file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}); pass a COCO segmentation JSON") from None
+    cats = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(cats, list) or not cats:
+        raise DatasetError(f"{path} has no 'categories' list; give class_names explicitly")
+    return [str(c.get("name")) for c in cats if isinstance(c, dict)]
+
+
+def model_classes(cfg: Any, split: str = "train") -> list[str]:
+    """The model's class list: background first unless ignore_blank_area (COCO layout only)."""
+    if getattr(cfg, f"{split}_labels"):
+        if not cfg.class_names:
+            raise ValueError(f"{split}_labels (label-PNG layout) needs class_names: names of label values 0, 1, ...")
+        return list(cfg.class_names)
+    names = list(cfg.class_names)
+    if not names:
+        ann = cfg.train_ann or getattr(cfg, f"{split}_ann")
+        if not ann:
+            raise ValueError("no training data: give train_ann + train_images (COCO) or train_images + train_labels")
+        names = coco_category_names(ann)
+    return dataset_classes(names, cfg.ignore_blank_area)
+
+
+def load_split(cfg: Any, split: str) -> Split:
+    """Samples of ``split`` ("train" or "val") as the config describes them; an empty val split is allowed."""
+    ann, images, labels = (getattr(cfg, f"{split}_{k}") for k in ("ann", "images", "labels"))
+    classes = model_classes(cfg, split)
+    if not (ann or labels):
+        if split == "val":
+            log.warning("no validation data (val_ann or val_labels): no metrics and no best checkpoint")
+            return Split([], classes)
+        raise ValueError(f"{split}: give {split}_ann (COCO) or {split}_labels (label PNGs)")
+    if not images:
+        raise ValueError(f"{split}_images is empty: give the image folder or a list file of image paths")
+    if labels:
+        samples = load_label_folder(image_source(images), labels, len(classes))
+    else:
+        user = list(cfg.class_names) or coco_category_names(cfg.train_ann)
+        samples = load_coco(ann, image_source(images), user, ignore_blank_area=cfg.ignore_blank_area,
+                            class_by=getattr(cfg, "coco_class_by", "name"))
+    return Split(samples, classes)

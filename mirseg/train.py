@@ -1,0 +1,400 @@
+"""Training: one readable loop from a config to checkpoints, metrics and TensorBoard logs.
+
+``train(cfg)`` is what ``mirseg train`` and the YMIR executor call. The loop is iteration-based,
+as the original mmseg configs are: SGD with momentum, poly learning-rate decay over ``max_iters``,
+cross-entropy (ignore 255, mean over labelled pixels) on the decode head plus the weighted
+auxiliary heads, evaluation and checkpoints every ``interval`` iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from mirseg import dist
+from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_weights, read_checkpoint
+from mirseg.config import TrainConfig, save_config, to_dict
+from mirseg.constants import IGNORE_INDEX
+from mirseg.data.dataset import SegDataset, label_histogram
+from mirseg.data.sources import load_split
+from mirseg.data.transforms import EvalTransform, TrainTransform
+from mirseg.infer import predict_logits
+from mirseg.metrics import ConfusionMatrix
+from mirseg.models import build_model
+
+log = logging.getLogger("mirseg")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """Where the run left its checkpoints and what it measured."""
+
+    work_dir: Path
+    best: Path | None
+    last: Path
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+
+class IterationSampler(Sampler[list[int]]):
+    """Batches of indices for iterations ``start, start+1, ...`` of an endless shuffled stream.
+
+    The stream is one permutation per epoch, drawn from ``(seed, epoch)``; iteration ``it`` takes
+    stream positions ``[it*B, (it+1)*B)`` with ``B = batch * world_size``, and this process keeps
+    its slice. The index of position p in epoch e is ``e * n + perm_e[p]``, which SegDataset turns
+    into item ``perm_e[p]`` with the generator of ``(seed, e, item)``. So a resumed run sees exactly
+    the batches and augmentations of an uninterrupted one, whatever the number of workers.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, start_iter: int, max_iters: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.n, self.batch, self.seed = n, batch, seed
+        self.start_iter, self.max_iters = start_iter, max_iters
+        self.rank, self.world = rank, world_size
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __len__(self) -> int:
+        return self.max_iters - self.start_iter
+
+    def __iter__(self) -> Iterator[list[int]]:
+        total = self.batch * self.world
+        cache: dict[int, torch.Tensor] = {}
+        for it in range(self.start_iter, self.max_iters):
+            first = it * total + self.rank * self.batch
+            batch = []
+            for pos in range(first, first + self.batch):
+                epoch, slot = divmod(pos, self.n)
+                if epoch not in cache:
+                    cache.clear()
+                    cache[epoch] = self._perm(epoch)
+                batch.append(epoch * self.n + int(cache[epoch][slot]))
+            yield batch
+
+
+def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
+    """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``."""
+    return lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
+
+
+def auto_class_weight(counts: np.ndarray) -> list[float]:
+    """Inverse square-root pixel frequency, normalised to a mean of 1 over present classes, clipped to [0.1, 10]."""
+    present = counts > 0
+    weights = np.ones(len(counts))
+    if present.any():
+        freq = counts[present] / counts[present].sum()
+        w = 1.0 / np.sqrt(freq)
+        weights[present] = w / w.mean()
+    return [float(v) for v in np.clip(weights, 0.1, 10.0)]
+
+
+def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tuple[float, ...],
+                      class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on ``out["out"]`` plus weighted auxiliary heads; averages over non-ignored pixels.
+
+    Logits ``(N, K, H, W)`` are fp32 for the loss even under autocast; labels ``(N, H, W)`` int64.
+    Returns the total and each part as a float for logging.
+    """
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=IGNORE_INDEX)
+
+    decode = ce(out["out"])
+    parts = {"decode": decode.detach()}
+    total = decode
+    for i, (w, aux) in enumerate(zip(aux_weights, out.get("aux", []))):
+        a = ce(aux)
+        parts[f"aux{i}"] = a.detach()
+        total = total + w * a
+    parts["total"] = total.detach()
+    return total, {k: float(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
+             max_images: int | None = None) -> dict[str, Any]:
+    """mIoU/mAcc/aAcc and per-class IoU on ``dataset`` at each image's original resolution.
+
+    Images are resized to the test scale for the network; logits go back to the label's size
+    (bilinear) before the argmax, as mmseg evaluates. In a process group each process takes
+    every world_size-th image and the confusion matrices are summed.
+    """
+    cm = ConfusionMatrix(num_classes)
+    indices = range(rt.rank, len(dataset) if max_images is None else min(max_images, len(dataset)), rt.world_size)
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for i in indices:
+        image, label = dataset[i]  # (3, h, w) float, (H, W) int64 at the original size
+        logits = predict_logits(net, image[None].to(rt.device), cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        cm.update(logits.argmax(1)[0].cpu(), label)
+    cm.merge(dist.all_reduce_sum(cm.mat.clone(), rt).cpu())
+    return cm.compute()
+
+
+def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iteration: int,
+                metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                scheduler: Any = None, best: dict[str, Any] | None = None) -> dict[str, Any]:
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "arch": cfg.model, "class_names": list(class_names),
+        "ignore_blank_area": cfg.ignore_blank_area, "config": to_dict(cfg), "iteration": iteration,
+        "metrics": metrics, "model": net.state_dict(),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["scheduler"] = scheduler.state_dict()
+        ckpt["best"] = best or {}
+        ckpt["rng"] = {"torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return ckpt
+
+
+def _print_table(class_names: list[str], metrics: dict[str, Any]) -> None:
+    width = max(len(n) for n in class_names) + 2
+    lines = [f"{'class':<{width}}{'IoU':>8}{'Acc':>8}"]
+    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
+        lines.append(f"{name:<{width}}{iou * 100:8.2f}{acc * 100:8.2f}")
+    lines.append(f"{'mean':<{width}}{metrics['mIoU'] * 100:8.2f}{metrics['mAcc'] * 100:8.2f}"
+                 f"   aAcc {metrics['aAcc'] * 100:.2f}")
+    log.info("per-class results:\n%s", "\n".join(lines))
+
+
+def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
+    """Train ``cfg.model`` on the configured data; returns where the best and last checkpoints are.
+
+    ``progress`` (optional) is called with the fraction done, for the YMIR monitor.
+    """
+    cfg = cfg.resolved()
+    rt = dist.setup(cfg.device)
+    torch.manual_seed(cfg.seed + rt.rank)
+    work_dir = Path(cfg.work_dir)
+
+    # -- data
+    train_split = load_split(cfg, "train")
+    val_split = load_split(cfg, "val")
+    class_names = train_split.class_names
+    num_classes = len(class_names)
+    train_tf = TrainTransform(crop_size=cfg.crop_size, scale=cfg.img_scale, ratio_range=cfg.ratio_range,
+                              cat_max_ratio=cfg.cat_max_ratio)
+    train_set = SegDataset(train_split.samples, train_tf, seed=cfg.seed)
+    val_set = SegDataset(val_split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty: check train_ann / train_images / train_labels")
+
+    # -- model, optimiser, schedule
+    model = build_model(cfg.model, num_classes)
+    if cfg.weights and not cfg.resume:
+        load_weights(model, cfg.weights)
+    if rt.distributed and rt.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BN statistic across GPUs
+    model.to(rt.device)
+    aux_weights = model.aux_weights
+    total_batch = cfg.samples_per_gpu * rt.world_size
+    lr = cfg.lr
+    if cfg.scale_lr and total_batch != cfg.preset.batch_size:
+        lr = cfg.lr * total_batch / cfg.preset.batch_size
+        log.info("lr scaled linearly from %g (batch %d of the preset) to %g (batch %d); scale_lr=false keeps %g",
+                 cfg.lr, cfg.preset.batch_size, lr, total_batch, cfg.lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr(lr, min(cfg.min_lr, lr), cfg.power,
+                                                                     cfg.max_iters))
+    class_weight = None
+    if cfg.class_weight == "auto":
+        weights = auto_class_weight(label_histogram(train_set, num_classes))
+        log.info("class weights (auto): %s", ", ".join(f"{n}={w:.3f}" for n, w in zip(class_names, weights)))
+        class_weight = torch.tensor(weights, device=rt.device)
+    elif cfg.class_weight:
+        if len(cfg.class_weight) != num_classes:
+            raise ValueError(f"class_weight has {len(cfg.class_weight)} values but there are {num_classes} classes "
+                             f"({', '.join(class_names)})")
+        class_weight = torch.tensor(cfg.class_weight, device=rt.device, dtype=torch.float32)
+
+    # -- resume
+    start_iter, best = 0, {"mIoU": -1.0, "iteration": 0, "metrics": {}}
+    last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
+    if cfg.resume:
+        ckpt = read_checkpoint(last_path)
+        if ckpt.get("class_names") != class_names:
+            raise ValueError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_iter, best = ckpt["iteration"], ckpt.get("best") or best
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and rt.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        log.info("resumed from %s at iteration %d", last_path, start_iter)
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                    else None)
+    net = model.module if rt.distributed else model
+
+    sampler = IterationSampler(len(train_set), cfg.samples_per_gpu, cfg.seed, start_iter, cfg.max_iters,
+                               rt.rank, rt.world_size)
+    # The loader gets its own generator: drawing worker seeds from the global one would shift the
+    # dropout randomness of a resumed run against an uninterrupted one.
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
+                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    use_amp = cfg.amp and rt.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    writer = None
+    if rt.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_config(dataclasses.replace(cfg, class_names=tuple(class_names)), work_dir / "config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
+        log.info("training %s on %d images (%d classes: %s), validating on %d; %d iterations of batch %d on %s",
+                 cfg.model, len(train_set), num_classes, ", ".join(class_names), len(val_set), cfg.max_iters,
+                 total_batch, rt.device)
+
+    last_metrics: dict[str, Any] = {}
+    bar = None
+    if rt.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
+                   mininterval=2.0)
+    model.train()
+    t0 = time.perf_counter()
+    for it, (images, labels) in enumerate(loader, start=start_iter):
+        images = images.to(rt.device, non_blocking=True)
+        labels = labels.to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
+            out = model(images)
+        loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)
+        if not math.isfinite(parts["total"]):
+            raise TrainingDiverged(f"loss is {parts['total']} at iteration {it + 1}; lower lr (now "
+                                   f"{scheduler.get_last_lr()[0]:g}) or check the labels")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        done = it + 1
+
+        if rt.is_main:
+            cur_lr = optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['total']:.4f}", lr=f"{cur_lr:.2e}")
+            if done % cfg.log_interval == 0 or done == cfg.max_iters:
+                for k, v in parts.items():
+                    writer.add_scalar(f"loss/{k}", v, done)
+                writer.add_scalar("lr", cur_lr, done)
+        if progress is not None and rt.is_main:
+            progress(done / cfg.max_iters)
+
+        if done % cfg.interval == 0 or done == cfg.max_iters:
+            model.eval()
+            metrics = evaluate(model, val_set, cfg, rt, num_classes) if len(val_set) else {}
+            model.train()
+            last_metrics = metrics
+            if rt.is_main:
+                _after_eval(cfg, net, class_names, done, metrics, best, optimizer, scheduler, writer, val_set, rt,
+                            time.perf_counter() - t0)
+            dist.barrier(rt)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    dist.teardown(rt)
+    if rt.is_main and last_metrics:
+        _print_table(class_names, last_metrics)
+    return TrainResult(work_dir=work_dir, best=best_path if best_path.exists() else None, last=last_path,
+                       best_metrics=best.get("metrics", {}), last_metrics=last_metrics, class_names=class_names)
+
+
+def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: int, metrics: dict[str, Any],
+                best: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, writer: Any,
+                val_set: SegDataset, rt: dist.Runtime, elapsed: float) -> None:
+    """Log the evaluation, write TensorBoard scalars and images, save best/last/iteration checkpoints."""
+    work_dir = Path(cfg.work_dir)
+    if metrics:
+        log.info("iteration %d/%d: mIoU %.4f  mAcc %.4f  aAcc %.4f  (%.1f s)", done, cfg.max_iters,
+                 metrics["mIoU"], metrics["mAcc"], metrics["aAcc"], elapsed)
+        for key in ("mIoU", "mAcc", "aAcc"):
+            writer.add_scalar(f"val/{key}", metrics[key], done)
+        for name, iou in zip(class_names, metrics["IoU"]):
+            if math.isfinite(iou):
+                writer.add_scalar(f"val_IoU/{name}", iou, done)
+        _log_predictions(writer, net, val_set, cfg, rt, done)
+    score = metrics.get("mIoU", float("nan"))
+    is_best = math.isfinite(score) and score > best["mIoU"]
+    if is_best:
+        best.update({"mIoU": score, "iteration": done, "metrics": metrics})
+    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best)
+    atomic_save(ckpt, work_dir / "last.pth")
+    if is_best:
+        atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / "best.pth")
+        log.info("new best mIoU %.4f at iteration %d -> %s", score, done, work_dir / "best.pth")
+    if not cfg.save_least_file:
+        atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / f"iter_{done}.pth")
+        if cfg.max_keep_ckpts > 0:
+            kept = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+            for old in kept[:-cfg.max_keep_ckpts]:
+                old.unlink()
+
+
+def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime,
+                     step: int, count: int = 3) -> None:
+    """A few validation images with ground truth and prediction side by side, as TensorBoard images."""
+    from mirseg.visualize import colorize
+
+    for i in range(min(count, len(val_set))):
+        image, label = val_set.load(i)  # (H, W, 3) uint8, (H, W) uint8
+        tensor, _ = val_set[i]
+        logits = predict_logits(net, tensor[None].to(rt.device), cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
+        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        panel = np.concatenate([image, colorize(label), colorize(pred)], axis=1)
+        writer.add_image(f"val/{i}", panel, step, dataformats="HWC")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table."""
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint} is not a mirseg checkpoint (it has no class names); train with mirseg first")
+    cfg = cfg.resolved()
+    class_names = list(ckpt["class_names"])
+    rt = dist.setup(cfg.device)
+    names = tuple(class_names) if cfg.val_labels else _user_classes(ckpt)
+    split = load_split(dataclasses.replace(cfg, class_names=names), "val")
+    if not split.samples:
+        raise ValueError("nothing to evaluate: give val_ann + val_images (COCO) or val_images + val_labels")
+    if split.class_names != class_names:
+        raise ValueError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
+    model = build_model(ckpt["arch"], len(class_names))
+    model.load_state_dict(ckpt["model"])
+    model.to(rt.device).eval()
+    dataset = SegDataset(split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
+    metrics = evaluate(model, dataset, cfg, rt, len(class_names))
+    if rt.is_main:
+        _print_table(class_names, metrics)
+    return metrics
+
+
+def _user_classes(ckpt: dict[str, Any]) -> tuple[str, ...]:
+    """The checkpoint's classes without the background class that ignore_blank_area=False adds."""
+    names = list(ckpt["class_names"])
+    return tuple(names[1:] if not ckpt.get("ignore_blank_area", False) and names and names[0] == "background"
+                 else names)

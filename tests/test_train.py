@@ -1,0 +1,140 @@
+"""Training end to end on generated data: learning, resume, checkpoints, logs and bad configs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mirseg.checkpoint import read_checkpoint
+from mirseg.cli import main
+from mirseg.config import TrainConfig, build_config
+from mirseg.data.synthetic import make_dataset
+from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, train
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return (make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True),
+            make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True))
+
+
+def _cfg(shapes, work_dir, **kw):
+    tr, va = shapes
+    values = dict(train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
+                  crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12,
+                  scale_lr=False, work_dir=str(work_dir), log_interval=10)
+    values.update(kw)
+    return build_config(TrainConfig, values)
+
+
+def test_fastscnn_learns_the_shapes(shapes, tmp_path):
+    result = train(_cfg(shapes, tmp_path, max_iters=300, interval=100))
+    assert result.class_names == ["background", "disc", "box"]
+    assert result.best_metrics["mIoU"] > 0.8, result.best_metrics
+    ckpt = read_checkpoint(result.best)
+    assert ckpt["arch"] == "fastscnn" and ckpt["class_names"] == result.class_names
+    assert ckpt["ignore_blank_area"] is False and ckpt["metrics"]["mIoU"] == result.best_metrics["mIoU"]
+    assert ckpt["config"]["crop_size"] == [64, 64] and ckpt["config"]["lr"] == 0.12
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["class_names"] == result.class_names and saved["max_iters"] == 300
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _weights(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_resume_gives_the_same_weights(shapes, tmp_path):
+    full = train(_cfg(shapes, tmp_path / "full", max_iters=6, interval=3, samples_per_gpu=2))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(fraction):
+        if fraction >= 5 / 6:
+            raise Interrupt
+
+    cut = _cfg(shapes, tmp_path / "cut", max_iters=6, interval=3, samples_per_gpu=2)
+    with pytest.raises(Interrupt):
+        train(cut, progress=stop_at_5)
+    assert read_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == 3
+    # Resume with data workers on: augmentation must not depend on which process loads an item.
+    resumed = train(_cfg(shapes, tmp_path / "cut", max_iters=6, interval=3, samples_per_gpu=2, resume=True,
+                         workers_per_gpu=2))
+    a, b = _weights(full.last), _weights(resumed.last)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_label_png_layout_and_ignore_mode(shapes, tmp_path):
+    tr, va = shapes
+    cfg = build_config(TrainConfig, dict(
+        train_images=str(tr.images), train_labels=str(tr.labels), val_images=str(va.images),
+        val_labels=str(va.labels), class_names=["background", "disc", "box"], crop_size=[64, 64],
+        img_scale=[128, 96], max_iters=2, interval=2, workers_per_gpu=0, work_dir=str(tmp_path / "png")))
+    assert train(cfg).class_names == ["background", "disc", "box"]
+    ignore = _cfg(shapes, tmp_path / "ign", max_iters=2, interval=2, ignore_black_area="true")
+    result = train(ignore)
+    assert result.class_names == ["disc", "box"]
+    assert read_checkpoint(result.last)["ignore_blank_area"] is True
+
+
+def test_checkpoint_rotation(shapes, tmp_path):
+    train(_cfg(shapes, tmp_path, max_iters=4, interval=1, save_least_file=False, max_keep_ckpts=2,
+               samples_per_gpu=2))
+    names = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert names == ["best.pth", "iter_3.pth", "iter_4.pth", "last.pth"]
+
+
+def test_nan_loss_stops_with_the_iteration(shapes, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"at iteration \d+"):
+        train(_cfg(shapes, tmp_path, max_iters=50, interval=50, lr=1e12, samples_per_gpu=2))
+
+
+def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        train(_cfg(shapes, tmp_path, max_iters=1, interval=1, samples_per_gpu=2, scale_lr=True, class_weight="auto"))
+    text = caplog.text
+    assert "lr scaled linearly from 0.12 (batch 32 of the preset) to 0.0075 (batch 2)" in text
+    assert "class weights (auto): background=" in text
+
+
+def test_class_weight_list_must_match(shapes, tmp_path):
+    with pytest.raises(ValueError, match="class_weight has 2 values but there are 3 classes"):
+        train(_cfg(shapes, tmp_path, max_iters=1, class_weight=[1, 2]))
+
+
+def test_poly_schedule_and_auto_weights():
+    f = poly_lr(0.01, 1e-4, 0.9, 100)
+    assert f(0) == pytest.approx(1.0)
+    assert f(100) * 0.01 == pytest.approx(1e-4)
+    assert f(50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+    w = auto_class_weight(torch.tensor([900, 100, 0]).numpy())
+    assert w[1] > w[0] and w[2] == 1.0
+
+
+def test_cli_train_then_eval(shapes, tmp_path, capsys):
+    tr, va = shapes
+    work = tmp_path / "cli"
+    args = [f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}", f"val_images={va.images}",
+            "crop_size=[64,64]", "img_scale=[128,96]", "max_iters=2", "interval=2", "workers_per_gpu=0",
+            f"work_dir={work}"]
+    assert main(["train", *args]) == 0
+    assert main(["eval", str(work / "last.pth"), f"val_ann={va.ann}", f"val_images={va.images}"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_keys(tmp_path, caplog):
+    assert main(["train", "max_iter=3"]) == 2
+    assert "did you mean 'max_iters'" in caplog.text
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("config_file: configs/fastscnn/nope.py\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "unknown preset or mmseg config" in caplog.text
+    assert Path(cfg).exists()
