@@ -91,6 +91,13 @@ class IterationSampler(Sampler[list[int]]):
             yield batch
 
 
+def _worker_init(_: int) -> None:
+    """One OpenCV thread per loader worker: the workers already run in parallel with the model."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
     """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``."""
     return lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
@@ -252,7 +259,8 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     # The loader gets its own generator: drawing worker seeds from the global one would shift the
     # dropout randomness of a resumed run against an uninterrupted one.
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
-                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                        worker_init_fn=_worker_init)
     use_amp = cfg.amp and rt.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
