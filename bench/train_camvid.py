@@ -1,0 +1,67 @@
+"""Train presets on CamVid for a fixed budget on this machine; print val mIoU and time per iteration.
+
+    python bench/train_camvid.py [--models fastscnn hrnet_w18s] [--iters 1000] [--layout coco|labels]
+                                 [--camvid ../shared/data/camvid]
+
+CamVid (480x360, 11 classes, void = 255) is read either as COCO JSON (``--layout coco``; void is
+left unannotated, so ``ignore_blank_area=true`` ignores it) or as label PNGs (``--layout labels``).
+The budget is scaled to a CPU: test scale 480x360, training resize jitter around it, crops of
+360x480, batch 4, lr scaled from each preset's design batch. Not part of the test suite: it takes
+minutes per preset. The dataset's licence is research-only: it is read in place, never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mirseg.config import PRESETS, TrainConfig, build_config  # noqa: E402
+from mirseg.train import train  # noqa: E402
+
+CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
+           "bicyclist"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fastscnn"], choices=list(PRESETS))
+    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--layout", choices=["coco", "labels"], default="coco")
+    parser.add_argument("--camvid", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    root = Path(args.camvid)
+    if not (root / "train.json").is_file():
+        sys.exit(f"CamVid not found at {root}; pass --camvid")
+    print(f"# load average {os.getloadavg()[0]:.2f}, {args.iters} iterations of batch {args.batch}, {args.layout}")
+    print("| preset | val mIoU | val mAcc | val aAcc | s/iter |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as work:
+            data = {"class_names": CLASSES, "train_images": str(root / "images" / "train"),
+                    "val_images": str(root / "images" / "val")}
+            if args.layout == "coco":
+                data.update(train_ann=str(root / "train.json"), val_ann=str(root / "val.json"),
+                            ignore_blank_area=True)
+            else:
+                data.update(train_labels=str(root / "labels" / "train"), val_labels=str(root / "labels" / "val"))
+            cfg = build_config(TrainConfig, dict(
+                data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
+                workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
+                work_dir=work, log_interval=max(args.iters // 20, 1)))
+            t0 = time.perf_counter()
+            result = train(cfg)
+            per_iter = (time.perf_counter() - t0) / args.iters
+            m = result.last_metrics
+            print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
