@@ -193,6 +193,64 @@ class TrainConfig:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Inference and mining. ``None`` means "from the checkpoint's saved config" (its preset's test scale
+# and mode), so a model infers the way it was evaluated.
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Every option of ``mirseg infer``."""
+
+    checkpoint: str = ""  # a mirseg checkpoint (best.pth / last.pth)
+    images: str = ""  # image folder, glob pattern ("data/*.jpg"), or a text file listing image paths
+    out_dir: str = "runs/infer"  # where the outputs go
+    samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
+    workers_per_gpu: int = 2  # image-decoding worker processes
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: bool = False  # autocast: fp16 on CUDA, bf16 on CPU; softmax stays fp32
+    img_scale: tuple[int, int] | None = None  # (w, h) keep-ratio test scale; default: the checkpoint's
+    test_mode: Literal["whole", "slide"] | None = None  # whole image or sliding window; default: the checkpoint's
+    slide_crop: tuple[int, int] | None = None  # (h, w) sliding-window size; default: the checkpoint's
+    slide_stride: tuple[int, int] | None = None  # (h, w) sliding-window stride; default: the checkpoint's
+    flip: bool = False  # test-time augmentation: average with the horizontally flipped image
+    scales: tuple[float, ...] = ()  # test-time augmentation: img_scale ratios, e.g. [0.75, 1.0, 1.25]
+    save_labels: bool = True  # labels/<stem>.png: class index per pixel
+    save_color: bool = False  # color/<stem>.png: the class colours of mirseg.visualize.PALETTE
+    save_overlay: bool = False  # overlay/<stem>.jpg: the image blended with the colour mask
+    save_coco: bool = True  # predictions.json: COCO, one compressed-RLE annotation per (image, class)
+    save_proba: bool = False  # proba/<stem>.npy: float16 softmax (C, H, W) at the original size
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """Every option of ``mirseg mine`` (the original image's mining keys and defaults)."""
+
+    checkpoint: str = ""  # a mirseg checkpoint (best.pth / last.pth)
+    images: str = ""  # candidate pool: image folder, glob pattern, or a text file listing image paths
+    out_dir: str = "runs/mine"  # result.tsv (and masks/ overlays/) go here
+    mining_algorithm: str = "rsal"  # rsal, ripu, random, entropy, margin, least_confidence (any case)
+    superpixel_algorithm: str = "slico"  # rsal: slico, slic, mslic, seeds
+    uncertainty_method: str = "bvsb"  # rsal: per-pixel uncertainty, bvsb (the original's only choice)
+    max_superpixel_per_image: int = 1024  # rsal: superpixels per image, at most
+    max_kept_mining_image: int = 5000  # images the pool-wide threshold aims at; masks are saved for these
+    topk_superpixel_score: int = 3  # rsal: best superpixels that make an image's score
+    class_balance: bool = True  # rsal: weight superpixels by exp(-share of their dominant class)
+    ripu_region_radius: int = 1  # ripu: regions are (2r+1)x(2r+1) windows
+    reduction: str = "mean"  # baselines: image score = mean, max, sum or topk (mean of the top topk_percent)
+    topk_percent: float = 10.0  # baselines with reduction topk: the share of pixels averaged
+    sampling: Literal["top", "power"] = "top"  # top: sort by score; power: draw max_kept_mining_image by score^beta
+    power_beta: float = 1.0  # sampling power: the exponent (larger: closer to plain top-N)
+    samples_per_gpu: int = 2  # images per forward pass
+    workers_per_gpu: int = 2  # image-decoding worker processes
+    fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)
+    bf16: bool = False  # autocast bf16 on CPU
+    img_scale: tuple[int, int] | None = None  # (w, h) working resolution; default: the checkpoint's test scale
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0  # random baseline and power sampling
+    save_masks: bool = False  # masks/ and overlays/ of the chosen regions for the top max_kept_mining_image
+
+
 ALIASES: dict[str, str] = {
     "ignore_black_area": "ignore_blank_area",  # the seed README's spelling
 }
@@ -366,5 +424,5 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
-__all__ = ["PRESETS", "MMSEG_CONFIGS", "Preset", "TrainConfig", "build_config", "load_config", "parse_overrides",
-           "resolve_preset", "save_config", "to_dict"]
+__all__ = ["PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig", "build_config",
+           "load_config", "parse_overrides", "resolve_preset", "save_config", "to_dict"]
