@@ -70,6 +70,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_config(cls: type, args: argparse.Namespace):
+    """An InferConfig/MineConfig from ``--config`` YAML, then the positionals, then ``key=value``."""
+    from mirseg.config import load_config, parse_overrides
+
+    overrides = {"checkpoint": args.checkpoint, "images": args.images, **parse_overrides(args.overrides)}
+    return load_config(cls, args.config, overrides)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from mirseg.config import InferConfig
+    from mirseg.infer import run_inference
+
+    result = run_inference(_job_config(InferConfig, args))
+    failed = f" ({len(result.failed)} failed)" if result.failed else ""
+    print(f"{result.num_images} images -> {result.out_dir}{failed}")
+    return 1 if result.failed and result.num_images == len(result.failed) else 0
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from mirseg.config import MineConfig
+    from mirseg.mine import mine
+
+    result = mine(_job_config(MineConfig, args))
+    print(f"ranked {len(result.ranking)} images -> {result.tsv}" + (f" ({len(result.failed)} unreadable, ranked last)"
+                                                                  if result.failed else ""))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mirseg.export import export
+
+    path = export(args.checkpoint, args.format, args.output, height=args.height, width=args.width,
+                  opset=args.opset, check=not args.no_check)
+    print(f"exported {path}")
+    return 0
+
+
+def _add_job_parser(sub: argparse._SubParsersAction, name: str, cls: type, func, help_: str, example: str) -> None:
+    p = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_epilog(cls), description=f"{help_[0].upper()}{help_[1:]}. Example:\n  {example}")
+    p.add_argument("checkpoint", help="a mirseg checkpoint (best.pth, last.pth)")
+    p.add_argument("images", help="image folder, glob pattern in quotes, or a text file listing image paths")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys (see below)")
+    p.add_argument("--config", help="YAML file of configuration keys; key=value arguments override it")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirseg {__version__}")
@@ -103,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file of configuration keys (optional)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys (val_ann=..., ...)")
     p.set_defaults(func=_cmd_eval)
+
+    from mirseg.config import InferConfig, MineConfig
+
+    _add_job_parser(sub, "infer", InferConfig, _cmd_infer, "predict label maps, overlays and COCO RLE for images",
+                    "mirseg infer runs/train/best.pth photos/ out_dir=runs/infer save_overlay=true")
+    _add_job_parser(sub, "mine", MineConfig, _cmd_mine, "rank unlabelled images by how much labelling them helps",
+                    "mirseg mine runs/train/best.pth pool/ mining_algorithm=rsal out_dir=runs/mine")
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript",
+                       description="Export a checkpoint. Example:\n  mirseg export runs/train/best.pth --format onnx",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a mirseg checkpoint")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="output format (default onnx)")
+    p.add_argument("--output", help="output file (default: the checkpoint's path with .onnx / .torchscript.pt)")
+    p.add_argument("--height", type=int, default=512, help="height of the example input used for tracing")
+    p.add_argument("--width", type=int, default=1024, help="width of the example input used for tracing")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch on a random input")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -111,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # A first positional with "=" is an override, not a YAML file.
-    if getattr(args, "config", None) and "=" in args.config:
+    if args.command in ("train", "eval") and args.config and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     try:
