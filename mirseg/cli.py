@@ -107,6 +107,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ymir(args: argparse.Namespace) -> int:
+    from mirseg.ymir.executor import main as ymir_main
+
+    return ymir_main(["--env", args.env] if args.env else [])
+
+
 def _add_job_parser(sub: argparse._SubParsersAction, name: str, cls: type, func, help_: str, example: str) -> None:
     p = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=_config_epilog(cls), description=f"{help_[0].upper()}{help_[1:]}. Example:\n  {example}")
@@ -169,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch on a random input")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("ymir", help="run as the YMIR platform's executor (reads /in/env.yaml, writes /out)")
+    p.add_argument("--env", help="env.yaml (default: $MIRSEG_YMIR_ENV or /in/env.yaml)")
+    p.set_defaults(func=_cmd_ymir)
     return parser
 
 

@@ -199,6 +199,9 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     val_split = load_split(cfg, "val")
     class_names = train_split.class_names
     num_classes = len(class_names)
+    # The resolved user classes go into the saved config, so it trains again as it is.
+    user_classes = class_names if cfg.train_labels or cfg.ignore_blank_area else class_names[1:]
+    cfg = dataclasses.replace(cfg, class_names=tuple(user_classes))
     train_tf = TrainTransform(crop_size=cfg.crop_size, scale=cfg.img_scale, ratio_range=cfg.ratio_range,
                               cat_max_ratio=cfg.cat_max_ratio)
     train_set = SegDataset(train_split.samples, train_tf, seed=cfg.seed)
@@ -267,7 +270,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     writer = None
     if rt.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        save_config(dataclasses.replace(cfg, class_names=tuple(class_names)), work_dir / "config.yaml")
+        save_config(cfg, work_dir / "config.yaml")
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
