@@ -107,6 +107,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mirseg.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
 def _cmd_ymir(args: argparse.Namespace) -> int:
     from mirseg.ymir.executor import main as ymir_main
 
@@ -175,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch on a random input")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="train, infer and mine on generated street scenes (CPU, minutes)",
+                       description="The whole job on generated data: training, inference with overlays, mining "
+                                   "(RSAL vs random) and one YMIR executor run, into one folder with SUMMARY.md.")
+    p.add_argument("--out", default="mirseg-demo", help="output folder (default mirseg-demo; an earlier demo "
+                                                        "there is replaced)")
+    p.add_argument("--quick", action="store_true", help="tiny version, under a minute (the tests use it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated data and the training")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("ymir", help="run as the YMIR platform's executor (reads /in/env.yaml, writes /out)")
     p.add_argument("--env", help="env.yaml (default: $MIRSEG_YMIR_ENV or /in/env.yaml)")

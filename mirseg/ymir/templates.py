@@ -83,3 +83,18 @@ if __name__ == "__main__":
     import sys
 
     write_all(sys.argv[1] if len(sys.argv) > 1 else "img-man")
+
+
+def markdown_table() -> str:
+    """One table of every task's keys (for the README): key, tasks, default, meaning."""
+    rows: dict[str, list] = {}
+    for task, template in TEMPLATES.items():
+        for key, value, comment in template:
+            if key in rows and rows[key][1] == value:
+                rows[key][0].append(task)
+            else:
+                rows[f"{key} ({task})" if key in rows else key] = [[task], value, comment]
+    lines = ["| key | task | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, (tasks, value, comment) in rows.items():
+        lines.append(f"| `{key.split(' ')[0]}` | {', '.join(tasks)} | `{value!r}` | {comment} |")
+    return "\n".join(lines)
