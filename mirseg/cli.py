@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mirseg import __version__
@@ -53,7 +54,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mirseg.train import train
 
     result = train(_train_config(args))
-    print(f"best: {result.best}  last: {result.last}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        print(f"best: {result.best}  last: {result.last}")
     return 0
 
 

@@ -221,8 +221,9 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     lr = cfg.lr
     if cfg.scale_lr and total_batch != cfg.preset.batch_size:
         lr = cfg.lr * total_batch / cfg.preset.batch_size
-        log.info("lr scaled linearly from %g (batch %d of the preset) to %g (batch %d); scale_lr=false keeps %g",
-                 cfg.lr, cfg.preset.batch_size, lr, total_batch, cfg.lr)
+        if rt.is_main:
+            log.info("lr scaled linearly from %g (batch %d of the preset) to %g (batch %d); scale_lr=false keeps %g",
+                     cfg.lr, cfg.preset.batch_size, lr, total_batch, cfg.lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr(lr, min(cfg.min_lr, lr), cfg.power,
                                                                      cfg.max_iters))

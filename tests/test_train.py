@@ -139,3 +139,22 @@ def test_cli_reports_bad_keys(tmp_path, caplog):
     assert main(["train", str(cfg)]) == 2
     assert "unknown preset or mmseg config" in caplog.text
     assert Path(cfg).exists()
+
+
+def test_torchrun_two_cpu_processes(shapes, tmp_path):
+    """DistributedDataParallel over gloo: two processes train one model and rank 0 alone writes it."""
+    import subprocess
+    import sys
+
+    tr, va = shapes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mirseg",
+           "train", f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}",
+           f"val_images={va.images}", "max_iters=4", "interval=2", "crop_size=[64,64]", "img_scale=[128,96]",
+           "samples_per_gpu=2", "workers_per_gpu=0", "device=cpu", f"work_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best:") == 1  # one summary line, from rank 0
+    assert "to 0.015 (batch 4)" in proc.stdout + proc.stderr  # lr scaled to the total batch of both processes
+    ckpt = read_checkpoint(tmp_path / "last.pth")
+    assert ckpt["iteration"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                          if v.is_floating_point())
