@@ -141,7 +141,8 @@ def test_mining_and_infer_on_the_trained_model(trained, tmp_path):
     assert sorted(i["file_name"] for i in result["images"]) == sorted(Path(p).name for p in index)
     assert {c["name"] for c in result["categories"]} <= set(CLASSES)
     names = {c["id"]: c["name"] for c in result["categories"]}
-    assert all(names[c] == CLASSES[c] for c in names)
+    # Category ids are the model's label values (background is 0 and never listed); names are what YMIR joins on.
+    assert all(names[c] == ["background", *CLASSES][c] for c in names) and 0 not in names
     assert result["annotations"], "the model should predict some objects"
     for a in result["annotations"]:
         assert isinstance(a["area"], int) and a["area"] > 0

@@ -59,6 +59,15 @@ def _shape_polygon(kind: str, rng: np.random.Generator, h: int, w: int) -> np.nd
     return np.round(corners @ rot.T + [cx, cy]).astype(np.int32)
 
 
+def _folders(out_dir: str | Path, labels: bool) -> tuple[Path, Path, Path | None]:
+    """``out_dir``, its ``images/`` and (with ``labels``) ``labels/`` folders, created."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if labels:
+        (out / "labels").mkdir(exist_ok=True)
+    return out, out / "images", out / "labels" if labels else None
+
+
 def make_dataset(
     out_dir: str | Path,
     num_images: int,
@@ -75,12 +84,7 @@ def make_dataset(
     """
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be 1..{len(CLASSES)}")
-    out = Path(out_dir)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    lbl_dir = out / "labels" if labels else None
-    if lbl_dir:
-        lbl_dir.mkdir(exist_ok=True)
+    out, img_dir, lbl_dir = _folders(out_dir, labels)
     names = list(CLASSES)[:num_classes]
     rng = np.random.default_rng(seed)
     h, w = size
@@ -227,12 +231,7 @@ def make_street_dataset(
     """
     from pycocotools import mask as mask_utils
 
-    out = Path(out_dir)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    lbl_dir = out / "labels" if labels else None
-    if lbl_dir:
-        lbl_dir.mkdir(exist_ok=True)
+    out, img_dir, lbl_dir = _folders(out_dir, labels)
     shares = domains or {"day": 1.0}
     names, probs = list(shares), np.array(list(shares.values()), np.float64)
     rng = np.random.default_rng(seed)

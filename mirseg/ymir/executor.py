@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, parse_overrides, save_config
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
@@ -41,6 +39,7 @@ from mirseg.ymir.protocol import (
     YmirError,
     read_env,
     read_index,
+    read_yaml,
     write_mining_result,
     write_training_result,
 )
@@ -76,16 +75,7 @@ MMSEG_KEYS = {
 
 def read_task_config(env: YmirEnv, task: str) -> dict[str, Any]:
     """config.yaml merged over the template defaults of ``task`` (the web form drops empty values)."""
-    path = env.config_file
-    if not path.is_file():
-        raise YmirError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise YmirError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise YmirError(f"{path} must hold a mapping of key: value")
-    return {**templates.defaults(task), **cfg}
+    return {**templates.defaults(task), **read_yaml(env.config_file)}
 
 
 def _class_names(params: dict[str, Any], source: Path) -> tuple[str, ...]:

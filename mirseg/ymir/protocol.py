@@ -90,18 +90,23 @@ def _flag(value: Any, key: str, source: Path) -> bool:
     raise YmirError(f"{source}: {key} must be true or false, got {value!r}")
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping, its errors as YmirError (config code)."""
+    from mirseg.config import read_yaml_mapping
+
+    try:
+        return read_yaml_mapping(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise YmirError(str(exc)) from None
+
+
 def read_env(path: str | os.PathLike) -> YmirEnv:
     """Parse env.yaml; a missing file or section is an error naming the key."""
     path = Path(path)
     if not path.is_file():
         raise YmirError(f"env file {path} does not exist; the platform mounts it at /in/env.yaml "
                         "(set MIRSEG_YMIR_ENV or --env to use another)")
-    try:
-        env = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise YmirError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(env, dict):
-        raise YmirError(f"{path} must hold a mapping, not {type(env).__name__}")
+    env = read_yaml(path)
     inp, out = env.get("input") or {}, env.get("output") or {}
     if not isinstance(inp, dict) or not isinstance(out, dict):
         raise YmirError(f"{path}: 'input' and 'output' must be mappings of paths")
