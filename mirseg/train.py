@@ -30,7 +30,7 @@ from mirseg.constants import IGNORE_INDEX
 from mirseg.data.dataset import SegDataset, label_histogram
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
-from mirseg.infer import predict_logits
+from mirseg.infer import opencv_threads, predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
 
@@ -89,13 +89,6 @@ class IterationSampler(Sampler[list[int]]):
                     cache[epoch] = self._perm(epoch)
                 batch.append(epoch * self.n + int(cache[epoch][slot]))
             yield batch
-
-
-def _worker_init(_: int) -> None:
-    """One OpenCV thread per loader worker: the workers already run in parallel with the model."""
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
@@ -263,8 +256,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     # The loader gets its own generator: drawing worker seeds from the global one would shift the
     # dropout randomness of a resumed run against an uninterrupted one.
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
-                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
-                        worker_init_fn=_worker_init)
+                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     use_amp = cfg.amp and rt.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -288,7 +280,11 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
                    mininterval=2.0)
     model.train()
     t0 = time.perf_counter()
-    for it, (images, labels) in enumerate(loader, start=start_iter):
+    # One OpenCV thread per loader worker (they already run in parallel), set around the fork: calling
+    # cv2.setNumThreads inside a forked worker deadlocks once this process's OpenCV pool has run.
+    with opencv_threads(1 if cfg.workers_per_gpu > 0 else None):
+        batches = iter(loader)
+    for it, (images, labels) in enumerate(batches, start=start_iter):
         images = images.to(rt.device, non_blocking=True)
         labels = labels.to(rt.device, non_blocking=True)
         with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):

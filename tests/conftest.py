@@ -29,23 +29,26 @@ def fill(parity_dir: Path):
     return module
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny inputs gain nothing from a second thread, and OpenMP's barriers stall badly when the
+    other core is busy (parallel test runs): one thread keeps such tests fast and steady."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_fastscnn(tmp_path_factory):
     """A FastSCNN trained once per session on generated shapes: (best checkpoint path, train set, val set).
 
     Classes: background, disc, box (ignore_blank_area false); images 96x128. mIoU on val > 0.8.
     """
-    from mirseg.config import TrainConfig, build_config
-    from mirseg.data.synthetic import make_dataset
-    from mirseg.train import train
+    from mirseg.demo import toy_fastscnn
 
-    root = tmp_path_factory.mktemp("trained_fastscnn")
-    tr = make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True)
-    va = make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True)
-    cfg = build_config(TrainConfig, dict(
-        train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
-        crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, scale_lr=False,
-        max_iters=300, interval=300, work_dir=str(root / "run")))
-    result = train(cfg)
-    assert result.best_metrics["mIoU"] > 0.8, result.best_metrics
-    return Path(result.best), tr, va
+    best, tr, va, metrics = toy_fastscnn(tmp_path_factory.mktemp("trained_fastscnn"))
+    assert metrics["mIoU"] > 0.8, metrics
+    return best, tr, va

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from mirseg.fileio import write_atomic
+
 # Executor error codes of the SDK (ymir_exc/code.py), written to monitor.txt before a non-zero exit.
 CODE_CONFIG = 300001
 CODE_DATASET = 300002
@@ -40,15 +42,6 @@ class YmirError(Exception):
     def __init__(self, message: str, code: int = CODE_CONFIG):
         super().__init__(message)
         self.code = code
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

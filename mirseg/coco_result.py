@@ -1,0 +1,204 @@
+"""Segmentation results as COCO JSON: one compressed-RLE annotation per (image, class present).
+
+The format is the one YMIR reads from ``infer-result.json`` (``ymir-protocol.md`` section 7) and
+the one ``mirseg infer`` writes as ``predictions.json``:
+
+* ``images[]``: ``id`` (1, 2, ... in the order added), ``file_name`` = the BASENAME of the image path
+  (YMIR matches results by basename; a directory part would silently drop them), ``width``,
+  ``height``. Every image added is listed, also those with no predicted class. Images that could
+  not be read are listed without width/height when ``list_failed`` is true (YMIR 2.1-2.4 want every
+  candidate listed), and left out otherwise.
+* ``categories[]``: the user classes only, ``id`` = the class's index in the model's
+  ``class_names`` (so ids equal the values of the label PNGs); the background class is never reported.
+* ``annotations[]``: ``iscrowd`` 1; ``segmentation`` = pycocotools compressed RLE of the class's
+  whole mask at the ORIGINAL resolution, ``counts`` a str (YMIR stores it in a string field);
+  ``area`` = pixel count (int); ``bbox`` = ``[x, y, w, h]`` of the mask in whole pixels (w, h >= 1);
+  ``score`` = the mean over the class's pixels of the model's max probability (in [0, 1]), also
+  written as ``confidence``, the key YMIR reads.
+
+Memory stays flat in the number of images: images and annotations are streamed to temp files next
+to the output and assembled into the final file at :meth:`CocoResultWriter.close`, which writes it
+atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from mirseg.fileio import temp_sibling
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """pycocotools RLE (``counts`` bytes) of a binary (H, W) mask; no copy when it is Fortran-ordered bool/uint8."""
+    m = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8, copy=False)
+    return mask_utils.encode(np.asfortranarray(m))
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A binary (H, W) mask as COCO compressed RLE: ``{"size": [H, W], "counts": str}``."""
+    rle = _rle(mask)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_bbox(mask: np.ndarray) -> list[int]:
+    """``[x, y, w, h]`` of the True pixels of an (H, W) mask, in whole pixels; ``[0, 0, 0, 0]`` when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [0, 0, 0, 0]
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def class_annotations(label: np.ndarray, confidence: np.ndarray | None, num_classes: int,
+                      skip: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """One annotation body (no ids) per class present in ``label`` (H, W), classes in ``skip`` left out.
+
+    ``confidence`` (H, W): the max probability per pixel; the class's ``score`` is its mean over the
+    class's pixels (one bincount pass for all classes). Without it there is no score.
+    """
+    flat = label.ravel()
+    counts = np.bincount(flat, minlength=num_classes)  # (C,) pixels per class
+    sums = (np.bincount(flat, weights=confidence.ravel().astype(np.float64), minlength=num_classes)
+            if confidence is not None else None)
+    # RLE runs go down the columns: compare a Fortran-ordered copy, made once, and every mask is
+    # Fortran-ordered too (no per-class copy).
+    label_f = np.asfortranarray(label)
+    out = []
+    for c in np.flatnonzero(counts):
+        c = int(c)
+        if c in skip:
+            continue
+        if c >= num_classes:
+            raise ValueError(f"label value {c} is not a class index (the model has {num_classes} classes)")
+        rle = _rle(label_f == c)
+        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))  # whole pixels: the box of the runs
+        ann: dict[str, Any] = {
+            "category_id": c, "iscrowd": 1, "area": int(counts[c]), "bbox": [x, y, w, h],
+            "segmentation": {"size": [int(rle["size"][0]), int(rle["size"][1])],
+                             "counts": rle["counts"].decode("ascii")}}
+        if sums is not None:
+            score = round(float(min(max(sums[c] / counts[c], 0.0), 1.0)), 6)
+            ann["score"] = score
+            ann["confidence"] = score
+        out.append(ann)
+    return out
+
+
+class CocoResultWriter:
+    """Stream images and their label maps into a COCO result JSON (see the module docstring).
+
+    ``class_names`` are the MODEL's classes; ``background_index`` (0 or None) is never reported.
+    Use as a context manager, or call :meth:`close`; on an exception inside ``with`` nothing is written.
+    """
+
+    def __init__(self, path: str | os.PathLike, class_names: Sequence[str], background_index: int | None = None,
+                 list_failed: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.class_names = [str(n) for n in class_names]
+        self.background_index = background_index
+        self.list_failed = list_failed
+        self.num_images = 0
+        self.num_annotations = 0
+        self._closed = False
+        # Two fragment files, one JSON object per line, in the output's folder (same file system).
+        self._images = tempfile.NamedTemporaryFile("w+", dir=self.path.parent, prefix=f".{self.path.name}.images.",
+                                                   delete=False, encoding="utf-8")
+        self._anns = tempfile.NamedTemporaryFile("w+", dir=self.path.parent, prefix=f".{self.path.name}.anns.",
+                                                 delete=False, encoding="utf-8")
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        return [{"id": i, "name": n, "supercategory": "none"} for i, n in enumerate(self.class_names)
+                if i != self.background_index]
+
+    def _add_image(self, path: str, height: int | None, width: int | None) -> int:
+        self.num_images += 1
+        image: dict[str, Any] = {"id": self.num_images, "file_name": os.path.basename(str(path))}
+        if height is not None and width is not None:
+            image.update(width=int(width), height=int(height))
+        self._images.write(json.dumps(image, separators=(",", ":")) + "\n")
+        return self.num_images
+
+    def add(self, path: str, label: np.ndarray, confidence: np.ndarray | None = None) -> int:
+        """Add an image (its ``path``; the basename is written) and the annotations of its (H, W) label map.
+
+        ``label`` holds model class indices at the image's original size; ``confidence`` (H, W) the
+        model's max probability per pixel. Returns the image id.
+        """
+        if label.ndim != 2:
+            raise ValueError(f"label of {path} must be (H, W), got shape {label.shape}")
+        if confidence is not None and confidence.shape != label.shape:
+            raise ValueError(f"confidence {confidence.shape} and label {label.shape} of {path} differ in shape")
+        image_id = self._add_image(path, *label.shape)
+        skip = () if self.background_index is None else (self.background_index,)
+        for ann in class_annotations(label, confidence, len(self.class_names), skip):
+            self.num_annotations += 1
+            ann = {"id": self.num_annotations, "image_id": image_id, **ann}
+            self._anns.write(json.dumps(ann, separators=(",", ":")) + "\n")
+        return image_id
+
+    def add_failed(self, path: str) -> int | None:
+        """An image that could not be read: listed without size (``list_failed``) or left out; its id or None."""
+        return self._add_image(path, None, None) if self.list_failed else None
+
+    def close(self) -> Path:
+        """Assemble the final JSON (temp file, then rename) and remove the fragments; returns its path."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        tmp = temp_sibling(self.path)
+        try:
+            with open(tmp, "x", encoding="utf-8") as out:
+                out.write('{"info":{"description":"mirseg semantic segmentation predictions"},\n"images":[')
+                self._copy_lines(self._images, out)
+                out.write('],\n"categories":' + json.dumps(self.categories, separators=(",", ":")))
+                out.write(',\n"annotations":[')
+                self._copy_lines(self._anns, out)
+                out.write("]}\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._discard()
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far; the output file is not touched."""
+        self._closed = True
+        self._discard()
+
+    @staticmethod
+    def _copy_lines(src: Any, out: Any) -> None:
+        """The fragment's lines, joined with commas, one object per line (streamed, not loaded)."""
+        src.flush()
+        src.seek(0)
+        first = True
+        for line in src:
+            out.write(("\n" if first else ",\n") + line.rstrip("\n"))
+            first = False
+
+    def _discard(self) -> None:
+        for f in (self._images, self._anns):
+            f.close()
+            Path(f.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> CocoResultWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
