@@ -231,8 +231,9 @@ class MineConfig:
     out_dir: str = "runs/mine"  # result.tsv (and masks/ overlays/) go here
     mining_algorithm: str = "rsal"  # rsal, ripu, random, entropy, margin, least_confidence (any case)
     superpixel_algorithm: str = "slico"  # rsal: slico, slic, mslic, seeds
-    uncertainty_method: str = "bvsb"  # rsal: per-pixel uncertainty, bvsb (the original's only choice)
+    uncertainty_method: str = "bvsb"  # rsal: bvsb (the original's only one), entropy, margin, least_confidence
     max_superpixel_per_image: int = 1024  # rsal: superpixels per image, at most
+    superpixel_cell: int = 8  # rsal: superpixels run on a copy shrunk until one is ~cell x cell px (0: full size)
     max_kept_mining_image: int = 5000  # images the pool-wide threshold aims at; masks are saved for these
     topk_superpixel_score: int = 3  # rsal: best superpixels that make an image's score
     class_balance: bool = True  # rsal: weight superpixels by exp(-share of their dominant class)
@@ -249,6 +250,7 @@ class MineConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # random baseline and power sampling
     save_masks: bool = False  # masks/ and overlays/ of the chosen regions for the top max_kept_mining_image
+    max_saved_masks: int = 1000  # save_masks: at most this many images (each costs one more forward pass)
 
 
 ALIASES: dict[str, str] = {

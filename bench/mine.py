@@ -1,0 +1,186 @@
+"""Mining speed and memory: images/s of every algorithm, its overhead over plain inference, peak RSS vs pool size.
+
+    python bench/mine.py [--size 1024x2048] [--images 12] [--classes 19] [--repeat 2]
+                         [--algorithms rsal,ripu,...] [--memory 100,1000] [--memory-size 128x256]
+
+**Speed.** A FastSCNN checkpoint with ``--classes`` outputs (random weights, BatchNorm statistics
+calibrated on random inputs so the logits have a realistic scale; the cost does not depend on
+what the weights learned) and ``--images`` generated PNG scenes of ``--size`` (H x W). The working
+scale is the image size (``img_scale`` = W x H: 1024x2048 runs the way the Cityscapes presets
+do). "plain inference" is ``iter_predictions`` over the same images with the same batch (2) and
+loader workers (2), every probability map produced and dropped; each algorithm is a full
+``mine()`` run (result.tsv written, no masks). Best of ``--repeat`` interleaved runs after a
+warm-up. The overhead column is mining time / plain inference time (target for RSAL and RIPU:
+at most 1.3).
+
+**Memory.** ``--memory 100,1000``: RSAL over the first N of 1000 generated ``--memory-size``
+images, each N in a fresh subprocess, which reports its own peak RSS (``ru_maxrss`` of the
+process) and that of its loader workers (``RUSAGE_CHILDREN``). Target: equal within 10 %
+(per-image summaries are a few KB; no probability map is kept).
+
+The machine's load average is printed at the start and the end: timings on a busy machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
+from mirseg.config import MineConfig, build_config  # noqa: E402
+from mirseg.data.synthetic import make_dataset  # noqa: E402
+from mirseg.infer import iter_predictions, load_predictor  # noqa: E402
+from mirseg.mine import mine  # noqa: E402
+from mirseg.mining import ALGORITHMS  # noqa: E402
+from mirseg.models import build_model  # noqa: E402
+
+
+def make_checkpoint(path: Path, num_classes: int, size: tuple[int, int]) -> None:
+    """A FastSCNN checkpoint with random weights and BatchNorm statistics of random inputs."""
+    torch.manual_seed(0)
+    model = build_model("fastscnn", num_classes)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 128, 256))
+    h, w = size
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "arch": "fastscnn",
+                 "class_names": ["background"] + [f"class{i}" for i in range(1, num_classes)],
+                 "ignore_blank_area": False, "iteration": 0, "metrics": {}, "model": model.eval().state_dict(),
+                 "config": {"config_file": "fastscnn", "img_scale": [w, h], "test_mode": "whole"}}, path)
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def mine_config(ckpt: Path, images: str, out_dir: Path, algorithm: str, **extra) -> MineConfig:
+    return build_config(MineConfig, dict(checkpoint=str(ckpt), images=images, out_dir=str(out_dir),
+                                         mining_algorithm=algorithm, samples_per_gpu=2, workers_per_gpu=2,
+                                         device="cpu", **extra))
+
+
+def plain_seconds(predictor, paths: list[str]) -> float:
+    t0 = time.perf_counter()
+    for pred in iter_predictions(predictor, paths, samples_per_gpu=2, workers_per_gpu=2):
+        assert pred.error is None, pred.error
+    return time.perf_counter() - t0
+
+
+def speed(args: argparse.Namespace, tmp: Path) -> None:
+    h, w = args.size
+    data = make_dataset(tmp / "speed", args.images, size=(h, w), num_classes=3, seed=0)
+    paths = sorted(str(p) for p in data.images.iterdir())
+    warm = tmp / "warm.txt"
+    warm.write_text("\n".join(paths[:2]) + "\n")
+    ckpt = tmp / "fastscnn.pth"
+    make_checkpoint(ckpt, args.classes, (h, w))
+    predictor = load_predictor(ckpt, device="cpu")
+    algorithms = args.algorithms
+    print(f"## speed: {args.images} generated {h}x{w} PNG images, img_scale {w}x{h}, FastSCNN with {args.classes} "
+          f"classes, batch 2, 2 loader workers, fp32, best of {args.repeat}")
+    plain_seconds(predictor, paths[:2])
+    for a in algorithms:
+        mine(mine_config(ckpt, str(warm), tmp / "out", a), predictor=predictor)
+    best = {name: float("inf") for name in ["plain inference", *algorithms]}
+    for _ in range(args.repeat):
+        best["plain inference"] = min(best["plain inference"], plain_seconds(predictor, paths))
+        for a in algorithms:
+            t0 = time.perf_counter()
+            result = mine(mine_config(ckpt, str(data.images), tmp / "out", a), predictor=predictor)
+            best[a] = min(best[a], time.perf_counter() - t0)
+            assert len(result.ranking) == len(paths) and not result.failed
+    base = best["plain inference"]
+    print("| algorithm | images/s | ms/image | x plain inference |")
+    print("|---|---|---|---|")
+    for name, t in best.items():
+        print(f"| {name} | {len(paths) / t:.2f} | {1000 * t / len(paths):.0f} | {t / base:.2f} |", flush=True)
+
+
+def memory(args: argparse.Namespace, tmp: Path) -> None:
+    counts = args.memory
+    h, w = args.memory_size
+    data = make_dataset(tmp / "pool", max(counts), size=(h, w), num_classes=3, seed=1)
+    paths = sorted(str(p) for p in data.images.iterdir())
+    ckpt = tmp / "fastscnn_mem.pth"
+    make_checkpoint(ckpt, args.classes, (h, w))
+    print(f"\n## memory: RSAL over N generated {h}x{w} images, img_scale {w}x{h}, a fresh process per N")
+    print("| candidates | peak RSS main (MB) | peak RSS loader worker (MB) | seconds |")
+    print("|---|---|---|---|")
+    peaks = []
+    for n in counts:
+        lst = tmp / f"pool_{n}.txt"
+        lst.write_text("\n".join(paths[:n]) + "\n")
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(lst), str(tmp / f"mem_{n}")],
+                             check=True, capture_output=True, text=True).stdout
+        rss = json.loads(out.strip().splitlines()[-1])
+        peaks.append(rss["self_mb"])
+        print(f"| {n} | {rss['self_mb']:.0f} | {rss['children_mb']:.0f} | {time.perf_counter() - t0:.1f} |",
+              flush=True)
+    print(f"peak RSS ratio {counts[-1]} vs {counts[0]} candidates: {peaks[-1] / peaks[0]:.3f}")
+
+
+def child(ckpt: str, images: str, out_dir: str) -> None:
+    """Mine ``images`` with RSAL and print the peak RSS of this process and of its loader workers (MB)."""
+    result = mine(mine_config(Path(ckpt), images, Path(out_dir), "rsal"))
+    assert not result.failed
+    # ru_maxrss is in KiB on Linux.
+    print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 1024x2048, got {text!r}") from None
+    return h, w
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(*sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=_size, default=(1024, 2048), help="speed: image size HxW (default 1024x2048)")
+    parser.add_argument("--images", type=int, default=12, help="speed: generated images (default 12)")
+    parser.add_argument("--classes", type=int, default=19, help="model output classes (default 19, Cityscapes)")
+    parser.add_argument("--repeat", type=int, default=2, help="speed: timed repetitions (default 2)")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
+    parser.add_argument("--memory", default="100,1000", help="memory: candidate counts, '' to skip")
+    parser.add_argument("--memory-size", type=_size, default=(128, 256), help="memory: image size (default 128x256)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed table")
+    args = parser.parse_args()
+    args.algorithms = [a.strip().lower() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    if unknown:
+        parser.error(f"unknown algorithms {unknown}; choose from {', '.join(ALGORITHMS)}")
+    args.memory = sorted(int(v) for v in args.memory.split(",") if v.strip())
+    print(f"# {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {load()}")
+    with tempfile.TemporaryDirectory(prefix="mirseg-mine-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if not args.no_speed:
+            speed(args, tmp)
+        if args.memory:
+            memory(args, tmp)
+    print(f"# load average at the end: {load()}")
+
+
+if __name__ == "__main__":
+    main()

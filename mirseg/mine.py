@@ -1,0 +1,230 @@
+"""``mirseg mine``: rank a pool of unlabelled images so that labelling the top ones helps the model most.
+
+One pass predicts every candidate (batched, decoding in worker processes, autocast when asked) at
+the working resolution (``img_scale``, default the checkpoint's test scale) and keeps only a small
+summary per image (:mod:`mirseg.mining`), so memory does not grow with the probability maps of the
+pool. The pool is then scored, ranked and written to ``out_dir/result.tsv``. With ``save_masks`` a
+second pass re-predicts only the top images to draw their chosen regions.
+
+Output files:
+
+- ``result.tsv``: ``path<TAB>score``, one line per candidate, best first, the path exactly as listed
+  (what YMIR's ``write_mining_result`` writes; YMIR keeps the top N). Every score is finite:
+  real scores are >= 0, and a candidate that cannot be read is written last with **-1**
+  (below every real score; YMIR parses the column as a float, so ``-inf`` would be rejected).
+  With ``sampling=power`` the score column is the selection priority ``(n - i) / n`` of the i-th
+  drawn image (any top-N of the file is then a power sample), not the algorithm's score.
+- ``masks/<name>.png`` (with ``save_masks``): the chosen regions 255, else 0, at the original
+  image size (a PNG whatever the input format; the original reused the image's extension and so
+  wrote lossy JPEG masks); ``overlays/<name>.jpg``: the image with the chosen regions highlighted.
+  ``<name>`` is the image's stem, made unique as ``mirseg infer`` does (``x``, ``x__2``, ...), and
+  ``masks.tsv`` maps each image path to its mask and overlay. At most ``max_saved_masks`` of the
+  top ``max_kept_mining_image`` images get one. ``random`` has no regions and writes none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mirseg.config import MineConfig
+from mirseg.fileio import write_atomic
+from mirseg.infer import Predictor, iter_predictions, list_images, load_predictor, output_names
+from mirseg.mining import Miner, MiningParams, get_algorithm
+from mirseg.mining.select import power_order, rank
+
+log = logging.getLogger("mirseg")
+
+FAILED_SCORE = -1.0
+"""Score written for a candidate that could not be read: below every real score (they are >= 0)."""
+
+# Overlay colours (RGB): chosen regions are tinted and outlined, the rest dimmed.
+_TINT = np.array([255, 200, 0], np.float32)
+_EDGE = np.array([255, 40, 40], np.uint8)
+
+
+@dataclass
+class MineResult:
+    """What :func:`mine` produced."""
+
+    ranking: list[tuple[str, float]]  # (path as listed, score written), best first, every candidate once
+    tsv: Path  # out_dir/result.tsv
+    failed: list[tuple[str, str]]  # (path, reason) of the unreadable candidates (ranked last)
+    masks: list[Path] = field(default_factory=list)  # masks written (save_masks)
+
+
+def mining_params(cfg: MineConfig) -> MiningParams:
+    """The algorithm knobs of ``cfg``; raises ValueError on a bad name or range."""
+    return MiningParams(
+        superpixel_algorithm=cfg.superpixel_algorithm, max_superpixel_per_image=cfg.max_superpixel_per_image,
+        superpixel_cell=cfg.superpixel_cell, uncertainty_method=cfg.uncertainty_method,
+        topk_superpixel_score=cfg.topk_superpixel_score, max_kept_mining_image=cfg.max_kept_mining_image,
+        class_balance=cfg.class_balance, ripu_region_radius=cfg.ripu_region_radius, reduction=cfg.reduction,
+        topk_percent=cfg.topk_percent, seed=cfg.seed)
+
+
+def _check(cfg: MineConfig) -> None:
+    if cfg.sampling not in ("top", "power"):
+        raise ValueError(f"sampling must be 'top' or 'power', got {cfg.sampling!r}")
+    if cfg.power_beta < 0:
+        raise ValueError(f"power_beta must be >= 0, got {cfg.power_beta}")
+    if cfg.max_saved_masks < 0:
+        raise ValueError(f"max_saved_masks must be >= 0, got {cfg.max_saved_masks}")
+
+
+def _unique(paths: Sequence[str]) -> list[str]:
+    """The paths without repeats (first occurrence kept): every candidate is ranked once."""
+    seen: set[str] = set()
+    out = [p for p in paths if not (p in seen or seen.add(p))]
+    if len(out) < len(paths):
+        log.warning("%d candidate paths are listed more than once; each is ranked once", len(paths) - len(out))
+    return out
+
+
+def _encode(ext: str, image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, image, [cv2.IMWRITE_JPEG_QUALITY, 90] if ext == ".jpg" else [])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {ext} of shape {image.shape}")
+    return buf.tobytes()
+
+
+def draw_regions(image: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB picture: regions > 0 tinted and outlined, the rest dimmed; ``regions`` (H, W) int."""
+    chosen = regions > 0
+    out = image.astype(np.float32) * 0.55  # dim everything ...
+    out[chosen] = image[chosen] * 0.6 + _TINT * 0.4  # ... and tint the chosen regions instead
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    edge = np.zeros(regions.shape, bool)  # a pixel on a region's border: its right or lower neighbour differs
+    edge[:, :-1] |= regions[:, :-1] != regions[:, 1:]
+    edge[:-1, :] |= regions[:-1, :] != regions[1:, :]
+    edge &= chosen | np.pad(chosen[:, 1:], ((0, 0), (0, 1))) | np.pad(chosen[1:, :], ((0, 1), (0, 0)))
+    edge = cv2.dilate(edge.astype(np.uint8), np.ones((2, 2), np.uint8)) > 0  # 2 px: visible when scaled
+    out[edge] = _EDGE
+    return out
+
+
+def _score_pool(miner: Miner, cfg: MineConfig, params: MiningParams, summaries: list, ok: list[str],
+                num_classes: int) -> tuple[list[tuple[str, float]], list, list[int]]:
+    """(ranking of the readable candidates, chosen regions per readable candidate, their order)."""
+    scores, chosen = miner.score_pool(summaries, ok, num_classes, params)
+    if cfg.sampling == "power":
+        order = power_order(scores, cfg.power_beta, cfg.seed, keys=ok)
+        n = len(order)
+        ranking = [(ok[i], (n - j) / n) for j, i in enumerate(order)]
+    else:
+        order = rank(scores, keys=ok)
+        ranking = [(ok[i], float(scores[i])) for i in order]
+    return ranking, list(chosen), [int(i) for i in order]
+
+
+def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
+         predictor: Predictor | None = None) -> MineResult:
+    """Score every candidate of ``cfg.images`` with ``cfg.mining_algorithm`` and write ``out_dir/result.tsv``.
+
+    Unreadable candidates (corrupt, empty, missing) are reported in ``failed`` and ranked last;
+    they never stop the run. ``progress`` is called with the fraction done, ending at 1.0.
+    ``predictor``: an already loaded network to use instead of ``cfg.checkpoint`` (benchmarks and
+    active-learning loops mine repeatedly); its img_scale and device then apply.
+    """
+    from mirseg.data.images import ImageError, read_image
+
+    miner = get_algorithm(cfg.mining_algorithm)
+    params = mining_params(cfg)
+    _check(cfg)
+    paths = _unique(list_images(cfg.images))
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda _: None)
+    share = 0.9 if cfg.save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
+
+    failed: list[tuple[str, str]] = []
+    ok: list[str] = []
+    summaries: list = []
+    num_classes = 0
+    amp = False
+    if miner.uses_model:
+        if predictor is None:
+            predictor = load_predictor(cfg.checkpoint, cfg.device, img_scale=cfg.img_scale)
+        num_classes = predictor.num_classes
+        amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
+        log.info("mining %d images with %s on %s at img_scale %s%s", len(paths), miner.name, predictor.device,
+                 predictor.img_scale, " (autocast)" if amp else "")
+        preds = iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image)
+        for done, pred in enumerate(preds, start=1):
+            if pred.error is not None:
+                failed.append((pred.path, pred.error))
+            else:
+                assert miner.summarize is not None
+                summaries.append(miner.summarize(pred.proba, pred.image, params))
+                ok.append(pred.path)
+            report(share * done / len(paths))
+    else:
+        # No forward pass (random), but each candidate is still decoded so unreadable ones are reported alike.
+        log.info("mining %d images with %s (no model needed)", len(paths), miner.name)
+        for done, path in enumerate(paths, start=1):
+            try:
+                read_image(path)
+                ok.append(path)
+            except ImageError as exc:
+                failed.append((path, str(exc)))
+            report(share * done / len(paths))
+
+    ranking, chosen, order = _score_pool(miner, cfg, params, summaries, ok, num_classes)
+    failed.sort()  # order-independent output: the unreadable ones by path
+    ranking += [(path, FAILED_SCORE) for path, _ in failed]
+    tsv = out_dir / "result.tsv"
+    write_atomic(tsv, "".join(f"{path}\t{score:.9g}\n" for path, score in ranking).encode())
+    if failed:
+        log.warning("%d of %d candidates could not be read and are ranked last with score %g: %s", len(failed),
+                    len(paths), FAILED_SCORE, "; ".join(f"{p}: {e}" for p, e in failed[:5])
+                    + (" ..." if len(failed) > 5 else ""))
+
+    masks: list[Path] = []
+    if cfg.save_masks:
+        if miner.regions is None or predictor is None:
+            log.info("%s chooses no regions: no masks written", miner.name)
+        else:
+            top = order[:min(cfg.max_kept_mining_image, cfg.max_saved_masks, len(order))]
+            masks = _save_masks(miner, params, predictor, cfg, amp, [ok[i] for i in top], [chosen[i] for i in top],
+                                out_dir, lambda f: report(share + (1 - share) * f))
+    report(1.0)
+    log.info("ranked %d candidates -> %s", len(ranking), tsv)
+    return MineResult(ranking, tsv, failed, masks)
+
+
+def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: MineConfig, amp: bool, paths: list[str],
+                chosen: list, out_dir: Path, report: Callable[[float], None]) -> list[Path]:
+    """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs."""
+    assert miner.regions is not None
+    names = output_names(paths)
+    written: list[Path] = []
+    index_lines = []
+    preds = iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
+                             workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True)
+    for done, pred in enumerate(preds, start=1):
+        if pred.error is not None:  # readable in pass 1, gone now
+            log.warning("no mask for %s: %s", pred.path, pred.error)
+            continue
+        regions = miner.regions(pred.proba, pred.image, chosen[pred.index], params)  # (h, w) int32 working size
+        h, w = pred.size
+        regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
+        name = names[pred.index]
+        mask_path = out_dir / "masks" / f"{name}.png"
+        overlay_path = out_dir / "overlays" / f"{name}.jpg"
+        write_atomic(mask_path, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
+        picture = draw_regions(pred.original, regions)
+        write_atomic(overlay_path, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+        written.append(mask_path)
+        index_lines.append(f"{pred.path}\tmasks/{mask_path.name}\toverlays/{overlay_path.name}\n")
+        report(done / len(paths))
+    write_atomic(out_dir / "masks.tsv", "".join(index_lines).encode())
+    return written
+
+
+__all__ = ["FAILED_SCORE", "MineResult", "draw_regions", "mine", "mining_params"]

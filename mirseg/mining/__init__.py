@@ -1,0 +1,164 @@
+"""Mining (active learning) scores as pure functions on tensors: no file I/O, no model code.
+
+Every algorithm is a :class:`Miner` with up to three steps, so the run (:mod:`mirseg.mine`) has one
+loop for all of them and keeps only small per-image summaries in memory:
+
+1. ``summarize(proba (C, h, w), image (h, w, 3) | None, params) -> summary`` per image;
+2. ``score_pool(summaries, keys, num_classes, params) -> (scores (N,), chosen)`` over the pool
+   (RSAL needs pool-wide class shares and a threshold; for the others it just collects);
+3. ``regions(proba, image, chosen_i, params) -> (h, w) int32`` for the masks: 0 outside the
+   chosen regions, i + 1 inside the i-th one (recomputed, for the top images only).
+
+``ALGORITHMS`` maps the names of the ``mining_algorithm`` key to them; :func:`get_algorithm` looks
+a name up in any case (``RSAL``, ``rsal``) and suggests the nearest one on a typo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mirseg.mining import baselines, ripu, rsal
+from mirseg.mining._names import lookup
+from mirseg.mining.superpixels import check_algorithm, enlarge, superpixel_grid
+from mirseg.mining.uncertainty import get_uncertainty
+
+
+@dataclass(frozen=True)
+class MiningParams:
+    """The algorithm knobs of :class:`mirseg.config.MineConfig` (same names, same meaning)."""
+
+    superpixel_algorithm: str = "slico"
+    max_superpixel_per_image: int = 1024
+    superpixel_cell: int = 8
+    uncertainty_method: str = "bvsb"
+    topk_superpixel_score: int = 3
+    max_kept_mining_image: int = 5000
+    class_balance: bool = True
+    ripu_region_radius: int = 1
+    reduction: str = "mean"
+    topk_percent: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Fail on a typo before any image is predicted.
+        check_algorithm(self.superpixel_algorithm)
+        get_uncertainty(self.uncertainty_method)
+        baselines.check_reduction(self.reduction)
+        for key in ("max_superpixel_per_image", "topk_superpixel_score", "max_kept_mining_image"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.superpixel_cell < 0 or self.ripu_region_radius < 0:
+            raise ValueError(f"superpixel_cell ({self.superpixel_cell}) and ripu_region_radius "
+                             f"({self.ripu_region_radius}) must be >= 0")
+        if not 0 < self.topk_percent <= 100:
+            raise ValueError(f"topk_percent must be in (0, 100], got {self.topk_percent}")
+
+
+PoolScores = tuple[np.ndarray, Sequence[Any]]
+"""``(scores (N,) float64, chosen)``: per image, its score and what :attr:`Miner.regions` needs to redraw it."""
+
+
+@dataclass(frozen=True)
+class Miner:
+    """One mining algorithm, as three pure steps (see the module docstring)."""
+
+    name: str
+    uses_model: bool  # False: no forward pass needed (random)
+    uses_image: bool  # True: summarize needs the RGB image (superpixels)
+    summarize: Callable[[torch.Tensor, np.ndarray | None, MiningParams], Any] | None
+    score_pool: Callable[[Sequence[Any], Sequence[str], int, MiningParams], PoolScores]
+    regions: Callable[[torch.Tensor, np.ndarray | None, Any, MiningParams], np.ndarray] | None
+    description: str = ""
+
+
+# -- RSAL
+
+
+def _rsal_superpixels(image: np.ndarray | None, p: MiningParams) -> np.ndarray:
+    """Superpixels on their own (possibly coarser) grid; deterministic, so the mask pass gets the same map."""
+    if image is None:
+        raise ValueError("RSAL needs the image to compute superpixels")
+    return superpixel_grid(image, p.superpixel_algorithm, p.max_superpixel_per_image, p.superpixel_cell)
+
+
+def _rsal_summarize(proba: torch.Tensor, image: np.ndarray | None, p: MiningParams) -> rsal.RsalSummary:
+    return rsal.summarize(proba, _rsal_superpixels(image, p), p.uncertainty_method)
+
+
+def _rsal_pool(summaries: Sequence[rsal.RsalSummary], keys: Sequence[str], num_classes: int,
+               p: MiningParams) -> PoolScores:
+    pool = rsal.score_pool(summaries, num_classes, p.topk_superpixel_score, p.max_kept_mining_image,
+                           p.class_balance)
+    return pool.scores, pool.chosen
+
+
+def _rsal_regions(proba: torch.Tensor, image: np.ndarray | None, chosen: np.ndarray, p: MiningParams) -> np.ndarray:
+    labels = _rsal_superpixels(image, p)  # (h, w) the same map as in the scoring pass
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[np.asarray(chosen, dtype=np.int64)] = np.arange(1, len(chosen) + 1, dtype=np.int32)
+    return enlarge(lut[labels], tuple(proba.shape[-2:]))
+
+
+# -- RIPU
+
+
+def _ripu_summarize(proba: torch.Tensor, image: np.ndarray | None, p: MiningParams) -> ripu.RipuSummary:
+    return ripu.summarize(proba, p.ripu_region_radius, p.topk_superpixel_score)
+
+
+def _ripu_pool(summaries: Sequence[ripu.RipuSummary], keys: Sequence[str], num_classes: int,
+               p: MiningParams) -> PoolScores:
+    return np.array([s.score for s in summaries], dtype=np.float64), [s.centres for s in summaries]
+
+
+def _ripu_regions(proba: torch.Tensor, image: np.ndarray | None, chosen: np.ndarray, p: MiningParams) -> np.ndarray:
+    return ripu.window_mask(tuple(proba.shape[-2:]), chosen, p.ripu_region_radius)
+
+
+# -- pixel-map baselines and random
+
+
+def _pixel_miner(method: str) -> Miner:
+    fn = get_uncertainty(method)
+
+    def summarize(proba: torch.Tensor, image: np.ndarray | None, p: MiningParams) -> float:
+        return baselines.reduce(fn(proba), p.reduction, p.topk_percent)
+
+    def pool(summaries: Sequence[float], keys: Sequence[str], num_classes: int, p: MiningParams) -> PoolScores:
+        return np.array(summaries, dtype=np.float64), [None] * len(summaries)
+
+    def regions(proba: torch.Tensor, image: np.ndarray | None, chosen: Any, p: MiningParams) -> np.ndarray:
+        return baselines.top_pixels(fn(proba), p.topk_percent).astype(np.int32)
+
+    return Miner(method, True, False, summarize, pool, regions,
+                 f"image {method} ({'normalised, ' if method == 'entropy' else ''}reduced by `reduction`)")
+
+
+def _random_pool(summaries: Sequence[Any], keys: Sequence[str], num_classes: int, p: MiningParams) -> PoolScores:
+    return baselines.random_scores(keys, p.seed), [None] * len(keys)
+
+
+ALGORITHMS: dict[str, Miner] = {
+    "rsal": Miner("rsal", True, True, _rsal_summarize, _rsal_pool, _rsal_regions,
+                  "superpixel mean uncertainty x class balance; top-k + above-threshold superpixels"),
+    "ripu": Miner("ripu", True, False, _ripu_summarize, _ripu_pool, _ripu_regions,
+                  "window entropy x label impurity; top-k non-overlapping windows"),
+    "random": Miner("random", False, False, None, _random_pool, None, "seeded uniform scores (baseline)"),
+    "entropy": _pixel_miner("entropy"),
+    "margin": _pixel_miner("margin"),
+    "least_confidence": _pixel_miner("least_confidence"),
+}
+"""Mining algorithms by name (lower case); look names up with :func:`get_algorithm`."""
+
+
+def get_algorithm(name: str) -> Miner:
+    """The miner called ``name`` (any case), or a ValueError with a "did you mean" hint."""
+    return ALGORITHMS[lookup("mining_algorithm", name, ALGORITHMS)]
+
+
+__all__ = ["ALGORITHMS", "Miner", "MiningParams", "PoolScores", "get_algorithm"]
