@@ -37,7 +37,7 @@ class Plan:
 
 
 QUICK = Plan(size=(64, 128), crop=64, train=16, val=6, pool=16, iters=120, ymir_iters=8)
-FULL = Plan(size=(128, 256), crop=128, train=40, val=10, pool=40, iters=500, ymir_iters=30)
+FULL = Plan(size=(128, 256), crop=128, train=60, val=12, pool=120, iters=1200, ymir_iters=30)
 
 
 def toy_fastscnn(root: str | Path) -> tuple[Path, object, object, dict]:
