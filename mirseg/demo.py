@@ -9,7 +9,6 @@ once through the YMIR executor in a temporary /in + /out -> SUMMARY.md and a con
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -130,20 +129,11 @@ def run_demo(out_dir: str | Path = "mirseg-demo", quick: bool = False, seed: int
 def _run_ymir(root: Path, train_set, val_set, pool, plan: Plan, checkpoint: Path) -> dict[str, str]:
     """A YMIR training task and a mining + inference task on the demo data; returns what each produced."""
     from mirseg.ymir.executor import run
-    from mirseg.ymir.workspace import inference_workspace, training_workspace
+    from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
-    # One seg-coco JSON for train + val, category_id = index into class_names (YMIR's rule).
     images = root / "source"
-    images.mkdir(parents=True)
-    coco: dict = {"images": [], "annotations": []}
-    for split in (train_set, val_set):
-        data = json.loads(split.ann.read_text())
-        offset, ann_offset = len(coco["images"]), len(coco["annotations"])
-        for e in data["images"]:
-            shutil.copyfile(split.images / e["file_name"], images / e["file_name"])
-            coco["images"].append({**e, "id": e["id"] + offset})
-        coco["annotations"] += [{**a, "id": a["id"] + ann_offset, "image_id": a["image_id"] + offset,
-                                 "category_id": a["category_id"] - 1} for a in data["annotations"]]
+    coco = ymir_coco([(train_set.ann, train_set.images), (val_set.ann, val_set.images)], train_set.class_names,
+                     images)
     val_names = [p.name for p in sorted(val_set.images.iterdir())]
     env = training_workspace(root / "training", coco, images, val_names, train_set.class_names, {
         "max_iters": plan.ymir_iters, "interval": plan.ymir_iters, "samples_per_gpu": 4, "workers_per_gpu": 0,

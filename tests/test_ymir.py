@@ -19,7 +19,7 @@ from mirseg.data.synthetic import make_dataset
 from mirseg.ymir import templates
 from mirseg.ymir.executor import main as ymir_main
 from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, write_training_result
-from mirseg.ymir.workspace import inference_workspace, training_workspace
+from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "box", "tri"]
@@ -33,17 +33,7 @@ def _coco_source(root: Path) -> tuple[dict, Path, list[str]]:
     tr = make_dataset(root / "tr", 12, num_classes=2, seed=1)
     va = make_dataset(root / "va", 4, num_classes=3, seed=11, prefix="val")
     images = root / "all"
-    images.mkdir()
-    coco = {"images": [], "annotations": []}
-    for split in (tr, va):
-        src = json.loads(split.ann.read_text())
-        offset = len(coco["images"])
-        for e in src["images"]:
-            (images / e["file_name"]).write_bytes((split.images / e["file_name"]).read_bytes())
-            coco["images"].append({**e, "id": e["id"] + offset})
-        for a in src["annotations"]:
-            coco["annotations"].append({**a, "id": len(coco["annotations"]) + 1, "image_id": a["image_id"] + offset,
-                                        "category_id": a["category_id"] - 1})
+    coco = ymir_coco([(tr.ann, tr.images), (va.ann, va.images)], CLASSES, images)
     # Every other object as compressed RLE, as YMIR exports imported masks.
     for a in coco["annotations"][::2]:
         e = next(i for i in coco["images"] if i["id"] == a["image_id"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, parse_overrides, save_config
+from mirseg.fileio import temp_sibling
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
@@ -168,8 +169,8 @@ def _weight_files(params: dict[str, Any], key: str, env: YmirEnv) -> list[Path]:
 # Training
 
 
-def training_config(env: YmirEnv, params: dict[str, Any]) -> tuple[TrainConfig, Path | None]:
-    """The TrainConfig of a YMIR training task, and the pretrained last.pth to resume from (if --resume)."""
+def training_config(env: YmirEnv, params: dict[str, Any]) -> tuple[TrainConfig, Path | None, int]:
+    """The TrainConfig of a YMIR training task, the pretrained last.pth to resume from (if --resume), the GPU count."""
     source = env.config_file
     train_keys = {f for f in TrainConfig.__dataclass_fields__} - EXECUTOR_TRAIN_KEYS
     _check_keys(params, train_keys | {"ignore_black_area"}, source)
@@ -212,7 +213,7 @@ def training_config(env: YmirEnv, params: dict[str, Any]) -> tuple[TrainConfig, 
         raise YmirError(str(exc), CODE_CONFIG) from None
     if weights and not args.resume:
         log.info("initial weights: %s", weights[0])
-    return cfg, resume_from
+    return cfg, resume_from, gpus
 
 
 def _annotation_file(index: Path, env: YmirEnv) -> Path:
@@ -230,8 +231,7 @@ def _annotation_file(index: Path, env: YmirEnv) -> Path:
 
 def run_training(env: YmirEnv, monitor: Monitor) -> None:
     params = read_task_config(env, "training")
-    cfg, resume_from = training_config(env, params)
-    gpus = _device(params, env.config_file)[1]
+    cfg, resume_from, gpus = training_config(env, params)
     models = env.out_models_dir
     models.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
@@ -286,6 +286,7 @@ def write_stages(models: Path, result_file: Path) -> None:
 
 def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
     from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+    from mirseg.train import _user_classes
 
     weights = _weight_files(params, "model_params_path", env)
     if not weights:
@@ -296,8 +297,7 @@ def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
         raise YmirError(f"{weights[0]} is not a mirseg checkpoint (no class names or architecture): models trained "
                         "by the mmsegmentation image must be retrained with mirseg first", CODE_MODEL)
     names = params.get("class_names")
-    ckpt_names = list(ckpt["class_names"])
-    user = ckpt_names[1:] if not ckpt.get("ignore_blank_area") and ckpt_names[:1] == ["background"] else ckpt_names
+    user = list(_user_classes(ckpt))
     if names and list(names) != user:
         log.warning("config class_names %s differ from the model's classes %s; results use the model's", names, user)
     return weights[0]
@@ -376,8 +376,10 @@ def _infer(env: YmirEnv, params: dict[str, Any], checkpoint: Path, candidates: l
     except ValueError as exc:
         raise YmirError(str(exc), CODE_CONFIG) from None
     result = run_inference(cfg, progress=lambda p: monitor.update(TASK, p))
-    shutil.copyfile(result.coco_json, env.infer_result_file.with_name(f".{env.infer_result_file.name}.tmp"))
-    env.infer_result_file.with_name(f".{env.infer_result_file.name}.tmp").replace(env.infer_result_file)
+    # Copy beside the target, then rename: the platform never sees half a file.
+    tmp = temp_sibling(env.infer_result_file)
+    shutil.copyfile(result.coco_json, tmp)
+    tmp.replace(env.infer_result_file)
     if result.failed:
         log.warning("%d candidates could not be read and have no prediction: %s", len(result.failed),
                     "; ".join(f"{p}: {m}" for p, m in result.failed[:5]))

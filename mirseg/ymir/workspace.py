@@ -49,6 +49,30 @@ def _env(root: Path, task_id: str, training: bool, mining: bool, infer: bool) ->
     return path
 
 
+def ymir_coco(splits: Sequence[tuple[str | Path, str | Path]], class_names: Sequence[str],
+              image_dir: str | Path) -> dict[str, Any]:
+    """One COCO dict from several (COCO JSON, image folder) splits, as YMIR exports them together.
+
+    Images are copied into ``image_dir``; image and annotation ids are renumbered so they stay
+    unique; ``category_id`` becomes the index of the category's name in ``class_names`` (YMIR's
+    rule). The result is what :func:`training_workspace` takes.
+    """
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    coco: dict[str, Any] = {"images": [], "annotations": []}
+    for ann_file, images in splits:
+        data = json.loads(Path(ann_file).read_text())
+        index = {c["id"]: list(class_names).index(c["name"]) for c in data["categories"]}
+        offset = len(coco["images"])
+        for e in data["images"]:
+            shutil.copyfile(Path(images) / e["file_name"], image_dir / e["file_name"])
+            coco["images"].append({**e, "id": e["id"] + offset})
+        for a in data["annotations"]:
+            coco["annotations"].append({**a, "id": len(coco["annotations"]) + 1, "image_id": a["image_id"] + offset,
+                                        "category_id": index[a["category_id"]]})
+    return coco
+
+
 def training_workspace(root: str | Path, coco: dict[str, Any], image_dir: str | Path, val_names: Sequence[str],
                        class_names: Sequence[str], config: dict[str, Any] | None = None,
                        task_id: str = "t0000001000001mirsegtrain00000") -> Path:
