@@ -30,6 +30,7 @@ from mirseg.constants import IGNORE_INDEX
 from mirseg.data.dataset import SegDataset, label_histogram
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
+from mirseg.errors import MirsegError
 from mirseg.infer import opencv_threads, predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
@@ -37,7 +38,7 @@ from mirseg.models import build_model
 log = logging.getLogger("mirseg")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MirsegError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

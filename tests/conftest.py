@@ -11,6 +11,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MIRSEG_SHARED", REPO.parent / "shared"))
 PARITY = SHARED / "parity"
+RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow`` tests (long end-to-end runs) run only with RUN_SLOW=1, as CI sets it."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,10 @@ from torch.utils.data import Dataset
 
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.images import read_image
+from mirseg.errors import MirsegError
 
 
-class DatasetError(ValueError):
+class DatasetError(MirsegError, ValueError):
     """Annotations or labels are malformed or inconsistent; the message names the file, the item and the fix."""
 
 

@@ -29,11 +29,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mirseg.errors import MirsegError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes treated as images when a folder is scanned (compared lower-case)."""
 
 
-class ImageError(ValueError):
+class ImageError(MirsegError, ValueError):
     """An image file is missing, empty, corrupt or of an unsupported kind; the message names the file."""
 
 

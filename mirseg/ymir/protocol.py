@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mirseg.errors import MirsegError
 from mirseg.fileio import write_atomic
 
 # Executor error codes of the SDK (ymir_exc/code.py), written to monitor.txt before a non-zero exit.
@@ -36,7 +37,7 @@ PREPROCESS, TASK, POSTPROCESS = 0, 1, 2
 OBJECT_TYPE_SEMANTIC = 3
 
 
-class YmirError(Exception):
+class YmirError(MirsegError):
     """A failure with the monitor error code that describes it."""
 
     def __init__(self, message: str, code: int = CODE_CONFIG):
