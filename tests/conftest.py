@@ -1,16 +1,15 @@
-"""Shared fixtures: where the read-only shared material lives."""
+"""Shared fixtures: the parity test data shipped in tests/data/parity, the slow marker, a trained toy model."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
+import parity_fill  # tests/parity_fill.py: pytest puts this folder (no __init__.py) on sys.path
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MIRSEG_SHARED", REPO.parent / "shared"))
-PARITY = SHARED / "parity"
+PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
 
 
@@ -26,18 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
-    if not (PARITY / "architectures.json").is_file():
-        pytest.fail(f"parity fixtures not found at {PARITY}; set MIRSEG_SHARED to the shared/ folder")
+    """tests/data/parity: mmsegmentation's architectures.json and reference logits (``<arch>.npz``)."""
     return PARITY
 
 
 @pytest.fixture(scope="session")
-def fill(parity_dir: Path):
-    """The fixture's ``fill.py`` module (fill_state_dict, parity_input)."""
-    spec = importlib.util.spec_from_file_location("parity_fill", parity_dir / "fill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def fill() -> ModuleType:
+    """The deterministic filler (tests/parity_fill.py: fill_state_dict, parity_input) the references were made with."""
+    return parity_fill
 
 
 @pytest.fixture(scope="module")
