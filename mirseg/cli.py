@@ -112,8 +112,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mirseg.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
-    return 0
+    return run_demo(args.out, quick=args.quick, seed=args.seed).exit_code  # non-zero when a step failed
 
 
 def _cmd_ymir(args: argparse.Namespace) -> int:
@@ -188,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, infer and mine on generated street scenes (CPU, minutes)",
                        description="The whole job on generated data: training, inference with overlays, mining "
                                    "(RSAL vs random) and one YMIR executor run, into one folder with SUMMARY.md.")
-    p.add_argument("--out", default="mirseg-demo", help="output folder (default mirseg-demo; an earlier demo "
-                                                        "there is replaced)")
+    p.add_argument("--out", default="mirseg-demo", help="output folder (default mirseg-demo; an earlier or "
+                                                        "interrupted demo there is replaced)")
     p.add_argument("--quick", action="store_true", help="tiny version, under a minute (the tests use it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and the training")
     p.set_defaults(func=_cmd_demo)

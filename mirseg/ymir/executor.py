@@ -217,11 +217,14 @@ def training_config(env: YmirEnv, params: dict[str, Any]) -> tuple[TrainConfig, 
 
 
 def _annotation_file(index: Path, env: YmirEnv) -> Path:
-    """The seg-coco JSON: the second column of the index (the same file on every line)."""
+    """The seg-coco JSON: the second column of the index (the same file on every line).
+
+    A relative entry is relative to the index file's folder, like the image column (the list-file rule).
+    """
     for line in index.read_text(encoding="utf-8").splitlines():
         parts = line.split("\t")
         if len(parts) > 1 and parts[1].strip():
-            return Path(parts[1].strip())
+            return index.parent / parts[1].strip()  # an absolute entry stays as it is
     fallback = Path(str(env.config_file)).parent / "annotations" / "coco-annotations.json"
     if fallback.is_file():
         return fallback

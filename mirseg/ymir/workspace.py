@@ -5,6 +5,11 @@ It follows what ymir 2.x writes (``ymir-protocol.md`` sections 1-4): assets unde
 ``file_name`` is the hashed basename and whose ``category_id`` is the index into ``class_names``,
 ``categories`` listing only the classes the train split uses, index files, config.yaml with the
 platform's keys, and env.yaml with every path.
+
+Every path written (env.yaml, index files, ``model_params_path``) is absolute, as the platform
+writes its in-container paths (protocol section 4), whatever ``root`` and the working directory
+are: a relative ``root`` is resolved first. (A relative index entry would be read relative to the
+index file's folder, the rule of every mirseg list file, so cwd-relative paths would break.)
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def training_workspace(root: str | Path, coco: dict[str, Any], image_dir: str | 
     ``category_id`` is already the 0-based index into ``class_names``; images named in
     ``val_names`` form the validation split, the rest the training split.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # absolute paths everywhere, like the platform's (module docstring)
     inp = root / "in"
     assets = inp / "assets"
     renamed: dict[str, Path] = {}
@@ -112,7 +117,7 @@ def inference_workspace(root: str | Path, model_files: Sequence[str | Path], ima
                         config: dict[str, Any] | None = None, stage: str = "best",
                         task_id: str = "t0000002000001mirsegmine000000") -> Path:
     """A mining and/or inference task's tree under ``root``; returns the env.yaml path."""
-    root = Path(root)
+    root = Path(root).resolve()  # absolute paths everywhere, like the platform's (module docstring)
     inp = root / "in"
     stage_dir = inp / "models" / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
