@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,65 @@ def _mirseg_argv(line: str) -> list[str] | None:
     return None
 
 
-def test_readme_starts_with_the_demo_and_the_test_command():
+CI = REPO / ".ci" / "run"
+
+
+def _ci(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CI), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _readme_commands() -> list[str]:
     first = _bash_blocks(README)[0].splitlines()
-    commands = [line for line in first if line.strip() and not line.startswith("#")]
+    return [line for line in first if line.strip() and not line.startswith("#")]
+
+
+def test_readme_starts_with_the_demo_and_the_test_command():
+    commands = _readme_commands()
     assert len(commands) == 2
+    assert commands[0].startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
     assert commands[0].endswith("mirseg demo") and commands[1] == "python -m pytest -q"
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "\npython -m pytest -q\n" in ci  # CI runs exactly the README's test command
+
+
+def test_ci_takes_its_commands_from_the_readme():
+    """.ci/run runs the README's first block as it is: its extraction gives exactly the README's two commands,
+    it follows the file it reads (not a copy of today's commands), and it does not repeat them itself."""
+    printed = _ci("--print-commands", "README.md")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines() == _readme_commands()
+    script = CI.read_text()
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    for command in _readme_commands():
+        for part in command.split(" && "):
+            assert part not in code, f".ci/run repeats the README's {part!r}: take it from README.md"
+    assert "run_commands README.md" in script and "git clone" in script and "export RUN_SLOW=1" in script
+    assert "set -euo pipefail" in script and "\nruff check mirseg tests bench\n" in script
+
+
+def test_ci_reads_only_the_first_bash_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n```python\nprint(1)\n```\n\n```bash\n# a comment\n\necho one && echo two\n"
+                      "echo three\n```\n\n```bash\necho later\n```\n")
+    printed = _ci("--print-commands", str(readme))
+    assert printed.stdout.splitlines() == ["echo one && echo two", "echo three"]
+
+
+@pytest.mark.parametrize(("block", "code", "made"), [
+    # State carries from one command to the next (the venv activated by command 1 runs command 2).
+    (["mkdir sub && cd sub && export CI_X=kept", "echo $CI_X > x.txt"], 0, ["sub/x.txt"]),
+    # pytest's "no tests ran" (5) fails the run, with its code, and nothing after it runs.
+    (["echo 1 > a.txt", "(exit 5)", "echo 1 > b.txt"], 5, ["a.txt"]),
+    # A failure inside an `a && b && c` line fails the run; the rest of the line does not run.
+    (["false && echo 1 > a.txt && true", "echo 1 > b.txt"], 1, []),
+])
+def test_ci_runs_the_commands_in_one_shell_and_stops_at_a_failure(tmp_path, block, code, made):
+    (tmp_path / "README.md").write_text("```bash\n" + "\n".join(block) + "\n```\n")
+    result = _ci("--run-commands", "README.md", cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.txt")) == made
+    if made == ["sub/x.txt"]:
+        assert (tmp_path / "sub" / "x.txt").read_text() == "kept\n"
+    if code:
+        assert f"FAILED (exit code {code})" in result.stderr
 
 
 def test_every_mirseg_command_in_the_readme_parses():
