@@ -109,7 +109,7 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
     cv2.imwrite(str(s.images / names[3]), np.zeros((64, 48, 3), np.uint8))  # 48x64, the JSON says 64x48
     coco = load_coco(s.ann, s.images, s.class_names)
 
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(DatasetError) as err:  # a size mismatch is a dataset problem, so not an ImageError
         check_data({"train": coco}, num_classes=3)
     msg = str(err.value)
     assert "4 problems in 4 of 8 train samples" in msg and msg.endswith(FIX)
@@ -140,7 +140,7 @@ def test_more_than_20_problems_show_20_and_the_count(tmp_path):
     s = jpeg_set(tmp_path, 26)
     for p in sorted(s.images.iterdir())[:25]:
         p.write_bytes(b"")
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(ImageError) as err:  # only unreadable images: ImageError (the YMIR image error code)
         check_data({"train": load_coco(s.ann, s.images, s.class_names)}, num_classes=3)
     lines = str(err.value).splitlines()
     assert "25 problems in 25 of 26 train samples" in lines[0]
@@ -165,6 +165,19 @@ def test_skip_bad_drops_them_with_one_warning(tmp_path, mirseg_log):
         check_data({"train": samples}, num_classes=3, skip_bad=True)
 
 
+def test_large_sets_show_a_progress_bar(tmp_path, capsys):
+    s = make_dataset(tmp_path, 201, size=(24, 24), num_classes=1, labels=True)
+    samples = load_label_folder(s.images, s.labels, 2)
+    check_data({"train": samples[:200]}, num_classes=2)
+    assert "checking data" not in capsys.readouterr().err  # small sets: no bar
+    result = check_data({"train": samples[:150], "val": samples[150:]}, num_classes=2)
+    err = capsys.readouterr().err
+    assert "checking data" in err and "201/201" in err
+    assert len(result["train"].samples) == 150 and len(result["val"].samples) == 51
+    check_data({"train": samples}, num_classes=2, report=False)  # the other ranks of a process group
+    assert "checking data" not in capsys.readouterr().err
+
+
 def test_coco_corrupt_rle_is_found_by_the_check(tmp_path):
     s = jpeg_set(tmp_path, 2)
     coco = json.loads(s.ann.read_text())
@@ -173,7 +186,7 @@ def test_coco_corrupt_rle_is_found_by_the_check(tmp_path):
     samples = load_coco(s.ann, s.images, s.class_names)  # compressed counts are only decoded when rasterised
     with pytest.raises(DatasetError, match=f"annotation {coco['annotations'][0]['id']} cannot be decoded"):
         SegDataset(samples).load(0)  # what training would meet at some iteration
-    with pytest.raises(DatasetError, match="1 problems in 1 of 2 train samples"):
+    with pytest.raises(DatasetError, match="found 1 problem in 1 of 2 train samples"):
         check_data({"train": samples}, num_classes=3)
 
 

@@ -13,8 +13,10 @@ worker processes, and for each one:
 
 What the loaders already reject when they parse the annotations (unknown categories, malformed
 JSON, missing label files) is not repeated. All problems of all splits end in one
-:class:`DatasetError` that lists the first :data:`MAX_LISTED` and the count of the rest; with
-``skip_bad=True`` (``skip_bad_images``) they are logged as one warning and the samples dropped.
+:class:`DatasetError` that lists the first :data:`MAX_LISTED` and the count of the rest (an
+:class:`ImageError` when every problem is an unreadable image, so callers that tell the two apart,
+like the YMIR executor's error codes, still can); with ``skip_bad=True`` (``skip_bad_images``) they
+are logged as one warning and the samples dropped.
 
 :func:`crop_padding_warning` uses the sizes read here to say when ``crop_size`` is larger than
 every training image can ever be after the resize jitter.
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mirseg.data.dataset import DatasetError, Sample, check_label_values, size_mismatch
-from mirseg.data.images import opencv_threads, read_image_size
+from mirseg.data.images import ImageError, opencv_threads, read_image_size
 from mirseg.data.transforms import rescale_size
 from mirseg.errors import MirsegError
 
@@ -55,16 +57,21 @@ class CheckResult:
     """Samples dropped (a sample can have several problems)."""
 
 
-def check_sample(sample: Sample, num_classes: int) -> tuple[tuple[int, int] | None, list[str]]:
-    """(image (H, W) or None where unreadable, problems) of one sample; each problem names its file."""
+def check_sample(sample: Sample, num_classes: int) -> tuple[tuple[int, int] | None, list[str], list[str]]:
+    """(image (H, W) or None where unreadable, image problems, other problems) of one sample.
+
+    Each problem is one line naming its file; image problems are the ones ``read_image`` would
+    raise ``ImageError`` for, the others are about the label or the pair.
+    """
+    image_problems: list[str] = []
     problems: list[str] = []
     size = label_size = None
     try:
         size = read_image_size(sample.image_path)
     except MirsegError as e:
-        problems.append(str(e))
+        image_problems.append(str(e))
     except Exception as e:  # a hostile file can fail in other ways: report it with the rest, don't crash
-        problems.append(f"cannot read image {sample.image_path}: {type(e).__name__}: {e}")
+        image_problems.append(f"cannot read image {sample.image_path}: {type(e).__name__}: {e}")
     try:
         label = sample.load_label()  # (H, W) uint8
         check_label_values(label, num_classes, sample.label_source)
@@ -75,11 +82,11 @@ def check_sample(sample: Sample, num_classes: int) -> tuple[tuple[int, int] | No
         problems.append(f"cannot load label {sample.label_source}: {type(e).__name__}: {e}")
     if size is not None and label_size is not None and tuple(size) != tuple(label_size):
         problems.append(size_mismatch(sample, size, label_size))
-    return size, problems
+    return size, image_problems, problems
 
 
 class _Items(Dataset):
-    """Item i: ``(i, image size, problems)`` of sample i, computed in a loader worker."""
+    """Item i: ``(i, *check_sample(sample i))``, computed in a loader worker."""
 
     def __init__(self, samples: Sequence[Sample], num_classes: int) -> None:
         self.samples, self.num_classes = list(samples), num_classes
@@ -87,7 +94,7 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, list[str]]:
+    def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, list[str], list[str]]:
         return (i, *check_sample(self.samples[i], self.num_classes))
 
 
@@ -118,6 +125,7 @@ def check_data(splits: Mapping[str, Sequence[Sample]], num_classes: int, *, work
         DatasetError: any problem without ``skip_bad`` (the first :data:`MAX_LISTED`, each naming its
             file, the count of the rest and the fix); with ``skip_bad``, a split that had samples and
             has none left.
+        ImageError: (a ``DatasetError`` sibling, same message) where every problem is an unreadable image.
     """
     names = list(splits)
     flat = [(name, s) for name in names for s in splits[name]]  # one pass, one pool of workers for all splits
@@ -131,11 +139,13 @@ def check_data(splits: Mapping[str, Sequence[Sample]], num_classes: int, *, work
     # Loader workers run in parallel already: one OpenCV thread each, set around the fork (see opencv_threads).
     with opencv_threads(1 if loader.num_workers > 0 else None):
         items = iter(loader)
-    for i, size, problems in items:
+    only_images = True  # every problem is an unreadable image: ImageError (YMIR reports those apart)
+    for i, size, image_problems, problems in items:  # in sample order
         name, sample = flat[i]
         result = results[name]
-        if problems:
-            result.problems.extend(problems)
+        only_images = only_images and not problems
+        if image_problems or problems:
+            result.problems.extend(image_problems + problems)
             result.bad += 1
         else:
             result.samples.append(sample)
@@ -146,11 +156,12 @@ def check_data(splits: Mapping[str, Sequence[Sample]], num_classes: int, *, work
     found = {n: r for n, r in results.items() if r.problems}
     if not found:
         return results
-    every = [p for r in found.values() for p in r.problems]
+    every = list(dict.fromkeys(p for r in found.values() for p in r.problems))  # a file in two splits: once
     counts = ", ".join(f"{r.bad} of {len(splits[n])} {n} samples" for n, r in found.items())
     if not skip_bad:
-        raise DatasetError(f"the data check found {len(every)} problems in {counts}, before training:\n"
-                           f"{listing(every)}\n{FIX}")
+        error = ImageError if only_images else DatasetError
+        raise error(f"the data check found {len(every)} problem{'s' * (len(every) > 1)} in {counts}, before training:\n"
+                    f"{listing(every)}\n{FIX}")
     if report:
         log.warning("skip_bad_images=true: training without %s that cannot be used:\n%s", counts, listing(every))
     for name, r in found.items():
