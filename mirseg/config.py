@@ -120,6 +120,7 @@ class TrainConfig:
     val_images: str = ""  # validation image folder or list file
     val_labels: str = ""  # validation label-PNG folder (instead of val_ann)
     coco_class_by: Literal["name", "id"] = "name"  # match COCO categories by name, or category_id = class index
+    skip_bad_images: bool = False  # train without the unreadable images and bad labels the data check finds
     # -- schedule (the original image's names and defaults)
     samples_per_gpu: int = 2  # batch per process
     workers_per_gpu: int = 2  # data-loading worker processes per process

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirseg.data.images import opencv_threads
 from mirseg.fileio import temp_sibling, write_atomic
 
 if TYPE_CHECKING:
@@ -337,27 +338,6 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 def _identity(item: _Loaded) -> _Loaded:
     return item
-
-
-@contextlib.contextmanager
-def opencv_threads(n: int | None) -> Iterator[None]:
-    """OpenCV at ``n`` threads inside the block (None: unchanged), restored after.
-
-    Loader workers are forked inside it, so each inherits one OpenCV thread (the workers already run
-    in parallel). Setting it in the worker instead (a ``worker_init_fn``) deadlocks when the parent's
-    OpenCV thread pool was running at the fork: the child inherits the pool's locks but not its threads.
-    """
-    if n is None:
-        yield
-        return
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

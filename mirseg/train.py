@@ -27,11 +27,13 @@ from mirseg import dist
 from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_weights, read_checkpoint
 from mirseg.config import TrainConfig, save_config, to_dict
 from mirseg.constants import IGNORE_INDEX
+from mirseg.data.check import check_data, crop_padding_warning
 from mirseg.data.dataset import SegDataset, label_histogram
+from mirseg.data.images import opencv_threads
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import MirsegError
-from mirseg.infer import opencv_threads, predict_logits
+from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
 
@@ -193,6 +195,14 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     val_split = load_split(cfg, "val")
     class_names = train_split.class_names
     num_classes = len(class_names)
+    # Every image header and label, before the model: all problems in one error (or skipped). Each rank
+    # checks for itself (reading headers is cheap), so all ranks agree on the samples without a broadcast.
+    checked = check_data({"train": train_split.samples, "val": val_split.samples}, num_classes,
+                         workers=cfg.workers_per_gpu, skip_bad=cfg.skip_bad_images, report=rt.is_main)
+    train_split.samples, val_split.samples = checked["train"].samples, checked["val"].samples
+    padding = crop_padding_warning(checked["train"].sizes, cfg.crop_size, cfg.img_scale, cfg.ratio_range)
+    if padding and rt.is_main:
+        log.warning("%s", padding)
     # The resolved user classes go into the saved config, so it trains again as it is.
     user_classes = class_names if cfg.train_labels or cfg.ignore_blank_area else class_names[1:]
     cfg = dataclasses.replace(cfg, class_names=tuple(user_classes))

@@ -46,17 +46,19 @@ message names the JSON file, the offending item and the fix):
   counts and a few annotation ids; a shape with no usable ring left is skipped.
 - malformed segmentation (not a list/dict, non-numeric coordinates, RLE ``size`` different from
   the image's ``height``/``width``, uncompressed ``counts`` not summing to ``height * width``)
-  -> ``DatasetError``. A corrupt compressed ``counts`` string is only found when that image's
-  label is rasterised; the ``DatasetError`` then names the annotation.
+  -> ``DatasetError``. A corrupt compressed ``counts`` string (its runs, see :func:`rle_total`,
+  not covering ``height * width``) is found when that image's label is rasterised, which the data
+  check (:mod:`mirseg.data.check`) does for every image before training; the ``DatasetError`` names
+  the annotation.
 - image listed in the JSON but absent from the folder/list -> skipped, one log line with the count
   (``WARNING`` for a folder; ``INFO`` for an explicit list, since YMIR's one JSON lists the train
   and val images together and each index file selects its split).
 - image in the explicit list without a JSON entry -> skipped, one ``WARNING`` with the count
   (YMIR's converter drops such images silently).
 - path in the explicit list that does not exist -> ``ImageError`` (the list is your selection, so a
-  missing file means a broken path or mount). An unreadable/corrupt image file is found when it is
-  read: ``read_image`` raises ``ImageError``; the dataset checks that the image size equals the
-  JSON's ``width``/``height``.
+  missing file means a broken path or mount). An unreadable/corrupt image file, and an image whose
+  size differs from the JSON's ``width``/``height``, are found by the data check before training
+  (:mod:`mirseg.data.check`, all of them listed together), and again by the dataset when read.
 - nothing left to use -> ``DatasetError``.
 - images without annotations are valid: all background (or all ignore).
 """
@@ -145,6 +147,11 @@ class CocoSample:
                 if kind == "poly":  # rings -> one RLE per ring -> their union
                     rle = mask_utils.merge(mask_utils.frPyObjects(data, self.height, self.width))
                 else:
+                    # pycocotools leaves the pixels past too-short runs uninitialised (garbage, not an error)
+                    covered = rle_total(data["counts"])
+                    if covered != self.height * self.width:
+                        raise ValueError(f"its RLE runs cover {covered} pixels, not height*width = "
+                                         f"{self.height * self.width}")
                     rle = data
                 mask = mask_utils.decode(rle)  # (H, W) uint8 0/1, Fortran order
             except (ValueError, TypeError) as e:
@@ -153,6 +160,39 @@ class CocoSample:
                 ) from e
             np.copyto(label, value, where=mask.view(bool))
         return label
+
+
+def rle_total(counts: str | bytes) -> int:
+    """Pixels covered by the runs of a compressed COCO RLE ``counts`` string (pycocotools' encoding, summed).
+
+    Each run length is a little-endian number of 5-bit digits, one character ``48 + digit`` each
+    (bit 0x20 = more digits follow, bit 0x10 of the last = negative); from the third run on, a
+    value is the difference to the run two before. Vectorised, ~1 ms for a 2-megapixel mask.
+
+    Raises:
+        ValueError: the string is not valid RLE (a character outside ``'0'..'o'``, a number cut
+            off at the end, an impossibly long or a negative run).
+    """
+    c = np.frombuffer(counts.encode() if isinstance(counts, str) else bytes(counts), np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return 0
+    if c.min() < 0 or c.max() > 63:
+        raise ValueError("a character outside the RLE alphabet '0'..'o'")
+    end = (c & 0x20) == 0  # (chars,) the last character of each number
+    if not end[-1]:
+        raise ValueError("the string ends inside a number")
+    starts = np.flatnonzero(np.concatenate([[True], end[:-1]]))  # (numbers,) first character of each
+    digit = np.arange(c.size) - np.repeat(starts, np.diff(np.append(starts, c.size)))  # (chars,) digit position
+    if digit.max() > 11:
+        raise ValueError("a run longer than any image")
+    runs = np.add.reduceat((c & 0x1F) << (5 * digit), starts)  # (numbers,)
+    negative = (c[end] & 0x10) != 0
+    runs[negative] -= 1 << (5 * (digit[end][negative] + 1))  # two's complement of the digits read
+    runs[1::2] = np.cumsum(runs[1::2])  # deltas to the run two before (pycocotools: from the third run on)
+    runs[2::2] = np.cumsum(runs[2::2])
+    if runs.min() < 0:
+        raise ValueError("a negative run length")
+    return int(runs.sum())
 
 
 def load_coco(

@@ -94,13 +94,7 @@ class SegDataset(Dataset):
         image = read_image(sample.image_path)
         label = sample.load_label()
         if image.shape[:2] != label.shape:
-            swapped = image.shape[:2] == label.shape[::-1]
-            raise DatasetError(
-                f"image {sample.image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but its label "
-                f"({sample.label_source}) is {label.shape[1]}x{label.shape[0]}: they must be the same size"
-                + (" (swapped sides: the image probably has an EXIF rotation that the labels did not get; "
-                   "images are read with EXIF orientation applied)" if swapped else "")
-            )
+            raise DatasetError(size_mismatch(sample, image.shape[:2], label.shape))
         return image, label
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
@@ -118,18 +112,38 @@ def label_histogram(dataset_or_samples: SegDataset | Iterable[Sample], num_class
     surfaces bad label files before training starts. Typical use: class weights ∝ 1 / frequency.
 
     Raises:
-        DatasetError: a label holds a value >= ``num_classes`` other than ``IGNORE_INDEX``.
+        DatasetError: a label holds a value >= ``num_classes`` other than ``IGNORE_INDEX``
+            (see :func:`check_label_values`).
     """
     samples = dataset_or_samples.samples if isinstance(dataset_or_samples, SegDataset) else dataset_or_samples
     counts = np.zeros(256, dtype=np.int64)
     for sample in samples:
-        label = sample.load_label()
-        per_value = np.bincount(label.ravel(), minlength=256)  # uint8 labels: exactly 256 bins
-        bad = [int(v) for v in np.flatnonzero(per_value[num_classes:]) + num_classes if v != IGNORE_INDEX]
-        if bad:
-            raise DatasetError(
-                f"label of {sample.label_source} has values {bad} but there are only {num_classes} classes "
-                f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore): fix the label or the class list"
-            )
-        counts += per_value
+        counts += check_label_values(sample.load_label(), num_classes, sample.label_source)
     return counts[:num_classes].copy()
+
+
+def check_label_values(label: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+    """Pixel count per value of an (H, W) uint8 label, (256,) int64, after checking every value is a class or 255.
+
+    Raises:
+        DatasetError: a value >= ``num_classes`` other than ``IGNORE_INDEX``; the message names
+            ``source`` and the values, and says what to change.
+    """
+    per_value = np.bincount(label.ravel(), minlength=256)  # uint8 labels: exactly 256 bins
+    bad = [int(v) for v in np.flatnonzero(per_value[num_classes:]) + num_classes if v != IGNORE_INDEX]
+    if bad:
+        raise DatasetError(
+            f"label {source} has values {bad}, but there are {num_classes} classes (values 0..{num_classes - 1}; "
+            f"{IGNORE_INDEX} = ignore): remap those values in the label file, or list one name per label value "
+            "in class_names (label value i is class_names[i])"
+        )
+    return per_value
+
+
+def size_mismatch(sample: Sample, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> str:
+    """The message for an image and its label of different (H, W) sizes, naming both files."""
+    swapped = tuple(image_hw) == tuple(label_hw)[::-1]
+    return (f"image {sample.image_path} is {image_hw[1]}x{image_hw[0]} (WxH) but its label ({sample.label_source}) "
+            f"is {label_hw[1]}x{label_hw[0]}: they must be the same size"
+            + (" (swapped sides: the image probably has an EXIF rotation that the labels did not get; "
+               "images are read with EXIF orientation applied)" if swapped else ""))

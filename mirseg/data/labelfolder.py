@@ -14,15 +14,17 @@ Bad data -- what happens:
 
 - image without a label file -> skipped, one ``WARNING`` with the count and the first names (VOC
   has far more JPEGs than segmentation masks, so this is normal there); no pair at all -> ``DatasetError``.
-- label value >= ``num_classes`` other than 255 -> ``DatasetError`` naming the label file and the
-  values, raised when the label is read (every read is checked; ``label_histogram`` reads all
-  labels once, so calling it before training finds them all up front).
+- label value >= the number of classes (``len(class_names)``) other than 255 -> ``DatasetError``
+  naming the label file and the values, raised whenever the label is read.
 - colour-coded label (RGB with differing channels), 16-bit values > 255, unreadable or corrupt
   label file -> ``DatasetError`` naming the file.
-- image and label of different sizes -> ``DatasetError`` from :class:`mirseg.data.dataset.SegDataset`,
-  naming both files, when the pair is loaded (the sizes are not known before decoding).
-- path in an explicit image list that does not exist -> ``ImageError``; unreadable images ->
-  ``ImageError`` when read. Label files without an image are ignored.
+- image and label of different sizes -> ``DatasetError`` naming both files.
+- path in an explicit image list that does not exist -> ``ImageError``; an unreadable, empty or
+  truncated image -> ``ImageError``. Label files without an image are ignored.
+
+The last four are found before training by the data check (:mod:`mirseg.data.check`), which reads
+every label and image header once and lists all problems together (or skips them with
+``skip_bad_images=true``); the dataset still checks every read.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mirseg.constants import IGNORE_INDEX
-from mirseg.data.dataset import DatasetError
+from mirseg.data.dataset import DatasetError, check_label_values
 from mirseg.data.images import IMAGE_EXTENSIONS, ImageError
 
 logger = logging.getLogger("mirseg")
@@ -58,13 +60,7 @@ class LabelFileSample:
     def load_label(self) -> np.ndarray:
         """(H, W) uint8 class indices, checked to be < ``num_classes`` or 255."""
         label = read_label_png(self.label_path)
-        per_value = np.bincount(label.ravel(), minlength=256)  # (256,) pixel count per value
-        bad = [int(v) for v in np.flatnonzero(per_value[self.num_classes:]) + self.num_classes if v != IGNORE_INDEX]
-        if bad:
-            raise DatasetError(
-                f"label {self.label_path} has values {bad}, but there are {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}) and {IGNORE_INDEX} = ignore: remap the label or fix num_classes"
-            )
+        check_label_values(label, self.num_classes, self.label_path)
         return label
 
 
