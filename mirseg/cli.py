@@ -16,7 +16,7 @@ import re
 import sys
 
 from mirseg import __version__
-from mirseg.errors import EXIT_ERROR, Interrupted, MirsegError
+from mirseg.errors import EXIT_ERROR, ConfigError, Interrupted, MirsegError
 
 log = logging.getLogger("mirseg")
 
@@ -82,6 +82,14 @@ def _config_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
+def _yaml_file(path: str | None) -> str | None:
+    """The optional YAML positional of train/eval; a bare word is more likely a key without its value."""
+    if path and not os.path.exists(path) and path.isidentifier():
+        raise ConfigError(f"{path!r} is neither a YAML file nor key=value: give {path}=VALUE, or the path of a "
+                          "YAML file")
+    return path
+
+
 def _train_config(args: argparse.Namespace):
     from mirseg.config import TrainConfig, check_output_dirs, load_config, parse_overrides
 
@@ -90,7 +98,7 @@ def _train_config(args: argparse.Namespace):
         overrides["resume"] = True
     if args.weights:
         overrides["weights"] = args.weights
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, _yaml_file(args.config), overrides)
     check_output_dirs(cfg)
     return cfg
 
@@ -111,7 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     # The checkpoint's own config (test scale, mode, background mode) is the default.
     saved = read_checkpoint(args.checkpoint).get("config") or {}
-    cfg = eval_config(saved, args.config, args.overrides)
+    cfg = eval_config(saved, _yaml_file(args.config), args.overrides)
     metrics = evaluate_checkpoint(args.checkpoint, cfg)
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
     return 0
