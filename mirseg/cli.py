@@ -1,13 +1,56 @@
-"""The ``mirseg`` command: a thin dispatcher, each subcommand builds a config and calls one function."""
+"""The ``mirseg`` command: a thin dispatcher, each subcommand builds a config and calls one function.
+
+Errors: a :class:`mirseg.errors.MirsegError` (bad key, missing file, malformed data) is logged as its
+message alone and the command exits with ``EXIT_ERROR`` (2); ``Interrupted`` exits 130/143; CUDA
+running out of memory is one line naming the keys to lower (exit 2). Any other exception is a bug
+and keeps its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 
 from mirseg import __version__
+from mirseg.errors import EXIT_ERROR, ConfigError, Interrupted, MirsegError
+
+log = logging.getLogger("mirseg")
+
+# What to lower when CUDA runs out of memory, per command (the keys of its config class).
+OOM_HINTS = {
+    "train": "lower samples_per_gpu or crop_size (e.g. samples_per_gpu=1 crop_size=[512,512]) and keep amp=true",
+    "eval": "lower img_scale, or evaluate with test_mode=slide and a smaller slide_crop",
+    "infer": "lower samples_per_gpu or img_scale, or use test_mode=slide with a smaller slide_crop, or amp=true",
+    "mine": "lower samples_per_gpu or img_scale, and keep fp16=true",
+}
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: flags may come anywhere among the ``key=value`` arguments, and a wrong flag
+    is reported with this subcommand's usage and a "did you mean"."""
+
+    _parsing = False
+
+    def parse_known_args(self, args: list[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        # Python < 3.13 implements parse_known_intermixed_args by calling parse_known_args: plain parsing then.
+        if self._parsing:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+        if extras:
+            flags = [s for action in self._actions for s in action.option_strings]
+            hints = [f"did you mean {m[0]}?" for m in (difflib.get_close_matches(e.split("=")[0], flags, n=1)
+                                                       for e in extras if e.startswith("-")) if m]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return namespace, extras
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -39,15 +82,25 @@ def _config_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
+def _yaml_file(path: str | None) -> str | None:
+    """The optional YAML positional of train/eval; a bare word is more likely a key without its value."""
+    if path and not os.path.exists(path) and path.isidentifier():
+        raise ConfigError(f"{path!r} is neither a YAML file nor key=value: give {path}=VALUE, or the path of a "
+                          "YAML file")
+    return path
+
+
 def _train_config(args: argparse.Namespace):
-    from mirseg.config import TrainConfig, load_config, parse_overrides
+    from mirseg.config import TrainConfig, check_output_dirs, load_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
     if args.resume:
         overrides["resume"] = True
     if args.weights:
         overrides["weights"] = args.weights
-    return load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, _yaml_file(args.config), overrides)
+    check_output_dirs(cfg)
+    return cfg
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -61,12 +114,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mirseg.checkpoint import read_checkpoint
-    from mirseg.config import TrainConfig, load_config
+    from mirseg.config import eval_config
     from mirseg.train import evaluate_checkpoint
 
     # The checkpoint's own config (test scale, mode, background mode) is the default.
     saved = read_checkpoint(args.checkpoint).get("config") or {}
-    cfg = load_config(TrainConfig, args.config, args.overrides, base=saved)
+    cfg = eval_config(saved, _yaml_file(args.config), args.overrides)
     metrics = evaluate_checkpoint(args.checkpoint, cfg)
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
     return 0
@@ -74,10 +127,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _job_config(cls: type, args: argparse.Namespace):
     """An InferConfig/MineConfig from ``--config`` YAML, then the positionals, then ``key=value``."""
-    from mirseg.config import load_config, parse_overrides
+    from mirseg.config import check_output_dirs, load_config, parse_overrides
 
     overrides = {"checkpoint": args.checkpoint, "images": args.images, **parse_overrides(args.overrides)}
-    return load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides)
+    check_output_dirs(cfg)
+    return cfg
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -134,7 +189,7 @@ def _add_job_parser(sub: argparse._SubParsersAction, name: str, cls: type, func,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("models", help="list the architectures and presets")
     p.add_argument("--configs", action="store_true", help="also list the mmseg config paths accepted")
@@ -199,19 +254,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(text: str) -> bool:
+    """``key=value`` rather than a YAML path (which may hold "=" in a folder name)."""
+    key, sep, _ = text.partition("=")
+    return bool(sep) and key.strip().isidentifier()
+
+
+def _cuda_oom(exc: BaseException) -> bool:
+    # The command imported torch if it ran anything on a GPU; not importing it here keeps `mirseg --help` fast.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _oom_message(command: str, exc: BaseException) -> str:
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", str(exc))
+    hint = OOM_HINTS.get(command, "lower the batch size or the image size")
+    return (f"CUDA ran out of memory in mirseg {command}" + (f" ({tried.group(0).lower()})" if tried else "")
+            + f": {hint}; or run on the CPU with device=cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    # A first positional with "=" is an override, not a YAML file.
-    if args.command in ("train", "eval") and args.config and "=" in args.config:
+    # A first positional that is key=value is an override, not a YAML file.
+    if args.command in ("train", "eval") and args.config and _is_override(args.config):
         args.overrides = [args.config, *args.overrides]
         args.config = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        logging.getLogger("mirseg").error("%s", exc)
-        return 2
+    except Interrupted as exc:  # stopped by SIGINT/SIGTERM after saving what it had
+        log.error("%s", exc)
+        return exc.exit_code
+    except MirsegError as exc:  # the user's to fix: the message says what and how, a traceback would bury it
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except Exception as exc:
+        if _cuda_oom(exc):
+            log.error("%s", _oom_message(args.command, exc))
+            return EXIT_ERROR
+        raise  # a bug or an environment failure: the traceback is what a report needs
 
 
 if __name__ == "__main__":

@@ -2,21 +2,27 @@
 
 Key names follow the original YMIR image's hyper-parameters wherever one exists
 (``config_file``, ``samples_per_gpu``, ``max_iters``, ``interval``, ``ignore_blank_area``, ...).
-An unknown key is an error with a "did you mean" hint; values are coerced to the field's type
-(the YMIR web form sends numbers and booleans as strings) or rejected with the key named.
+A key the command does not use is a ``ConfigError`` with a "did you mean" hint and the command's
+keys (:func:`check_keys`, also for ``mirseg eval``'s :data:`EVAL_KEYS` and the YMIR task configs);
+values are coerced to the field's type (the YMIR web form sends numbers and booleans as strings) or
+rejected with the key named; output folders are checked before any work (:func:`check_output_dir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from mirseg.errors import ConfigError, MissingFileError
 
 # ---------------------------------------------------------------------------------------------
 # Presets: one per architecture and crop, with the numbers of the mmseg config they mirror.
@@ -91,7 +97,7 @@ def resolve_preset(config_file: str) -> Preset:
         return dataclasses.replace(PRESETS[name], max_iters=iters)
     choices = list(PRESETS) + list(MMSEG_CONFIGS)
     hint = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    raise ValueError(
+    raise ConfigError(
         f"config_file: unknown preset or mmseg config {config_file!r}"
         + (f"; did you mean {hint[0]!r}?" if hint else "")
         + f" Presets: {', '.join(PRESETS)}; or one of the original image's config paths, e.g. "
@@ -155,19 +161,16 @@ class TrainConfig:
     tensorboard_dir: str = ""  # default: work_dir/tensorboard
 
     def __post_init__(self) -> None:
-        for key in ("samples_per_gpu", "max_iters", "interval", "log_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.workers_per_gpu < 0:
-            raise ValueError(f"workers_per_gpu must be >= 0, got {self.workers_per_gpu}")
+        _check_counts(self, ("samples_per_gpu", "max_iters", "interval", "log_interval"), ("workers_per_gpu",))
+        _check_sizes(self, ("crop_size", "img_scale", "slide_crop", "slide_stride"))
         if self.max_keep_ckpts < -1 or self.max_keep_ckpts == 0:
-            raise ValueError(f"max_keep_ckpts must be -1 (all) or >= 1, got {self.max_keep_ckpts}")
+            raise ConfigError(f"max_keep_ckpts must be -1 (all) or >= 1, got {self.max_keep_ckpts}")
         if isinstance(self.class_weight, str) and self.class_weight not in ("", "auto"):
-            raise ValueError(f"class_weight must be a list of numbers or 'auto', got {self.class_weight!r}")
+            raise ConfigError(f"class_weight must be a list of numbers or 'auto', got {self.class_weight!r}")
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
-            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {self.ratio_range}")
+            raise ConfigError(f"ratio_range must be (low, high) with 0 < low <= high, got {list(self.ratio_range)}")
         if not 0 < self.cat_max_ratio <= 1:
-            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+            raise ConfigError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         resolve_preset(self.config_file)  # fail early on an unknown preset
 
     @property
@@ -222,6 +225,13 @@ class InferConfig:
     save_coco: bool = True  # predictions.json: COCO, one compressed-RLE annotation per (image, class)
     save_proba: bool = False  # proba/<stem>.npy: float16 softmax (C, H, W) at the original size
 
+    def __post_init__(self) -> None:
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu",))
+        _check_sizes(self, ("img_scale", "slide_crop", "slide_stride"))
+        if not all(s > 0 for s in self.scales):
+            raise ConfigError(f"scales must be positive ratios of img_scale, e.g. [0.75, 1.0, 1.25], "
+                              f"got {list(self.scales)}")
+
 
 @dataclass(frozen=True)
 class MineConfig:
@@ -253,10 +263,54 @@ class MineConfig:
     save_masks: bool = False  # masks/ and overlays/ of the chosen regions for the top max_kept_mining_image
     max_saved_masks: int = 1000  # save_masks: at most this many images (each costs one more forward pass)
 
+    def __post_init__(self) -> None:
+        # The algorithm knobs are checked by mirseg.mining.MiningParams, which mine() builds before any work.
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "max_saved_masks"))
+        _check_sizes(self, ("img_scale",))
+        if not self.power_beta >= 0:
+            raise ConfigError(f"power_beta must be >= 0, got {self.power_beta}")
+
+
+def _check_counts(cfg: Any, positive: Iterable[str], non_negative: Iterable[str] = ()) -> None:
+    """Integer keys that must be >= 1 (``positive``) or >= 0; a ConfigError names the key."""
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+def _check_sizes(cfg: Any, keys: Iterable[str]) -> None:
+    """(a, b) size keys: ``None`` (the default) or two positive integers."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not all(v > 0 for v in value):
+            raise ConfigError(f"{key} must be two positive integers, got {list(value)}")
+
 
 ALIASES: dict[str, str] = {
     "ignore_black_area": "ignore_blank_area",  # the seed README's spelling
 }
+
+COMMANDS: dict[type, str] = {TrainConfig: "mirseg train", InferConfig: "mirseg infer", MineConfig: "mirseg mine"}
+"""The command each config class belongs to, for messages."""
+
+EVAL_KEYS: tuple[str, ...] = (
+    "val_ann", "val_images", "val_labels", "coco_class_by", "img_scale", "test_mode", "slide_crop", "slide_stride",
+    "device",
+)
+"""The TrainConfig keys ``mirseg eval`` uses (read by ``train.evaluate_checkpoint``); any other key is an error.
+
+The architecture, the classes and the background mode (``config_file``, ``class_names``,
+``ignore_blank_area``) come from the checkpoint, so a value for them would be ignored or contradict it.
+"""
+
+_EVAL_NOTE = ("eval runs the checkpoint as it was trained: its architecture, classes and ignore_blank_area come "
+              "from the checkpoint, and training keys do not apply")
+
+# Keys that name a folder the command writes into.
+OUTPUT_DIR_KEYS = ("work_dir", "tensorboard_dir", "out_dir")
 
 # ---------------------------------------------------------------------------------------------
 # Loading and coercion.
@@ -268,7 +322,7 @@ _FALSE = {"false", "no", "off", "0", ""}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` converted to annotation ``tp``, or a ValueError that names ``key``."""
+    """``value`` converted to annotation ``tp``, or a ConfigError that names ``key``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -281,25 +335,28 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 continue
             try:
                 return _coerce(key, value, arg)
-            except ValueError as exc:
+            except ConfigError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[-1] if errors else f"{key}: cannot use {value!r}")
+        raise ConfigError(errors[-1] if errors else f"{key}: cannot use {value!r}")
     if origin is Literal:
         text = str(value).strip().lower() if isinstance(value, str) else value
         if text in args:
             return text
-        raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
     if origin is tuple:
         if isinstance(value, str):
             text = value.strip()
-            parsed = yaml.safe_load(text) if text else []
+            try:
+                parsed = yaml.safe_load(text) if text else []
+            except (yaml.YAMLError, RecursionError):
+                parsed = None
             value = parsed if isinstance(parsed, list) else [p for p in text.replace(",", " ").split()]
         if not isinstance(value, (list, tuple)):
             value = [value]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(key, v, args[0]) for v in value)
         if len(value) != len(args):
-            raise ValueError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
@@ -308,27 +365,29 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value  # exact, however large (float() would overflow)
         try:
             f = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if not f.is_integer():
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"{key}: expected text, got {value!r}")
+        if isinstance(value, (dict, list, tuple, set)):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
         return "" if value is None else str(value)
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
@@ -351,62 +410,155 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def check_keys(keys: Iterable[Any], allowed: Iterable[str], source: str, command: str,
+               known: Iterable[str] = (), note: str = "") -> None:
+    """Every key must be one of ``allowed`` (or an alias of one), else a ConfigError naming each bad key.
+
+    The one check of keys, for the config classes, ``mirseg eval`` and the YMIR task configs: a typo gets a
+    "did you mean", the message ends with ``command``'s keys. ``note`` says why a key of ``known`` (keys
+    of a wider config, e.g. TrainConfig's for eval) is refused all the same.
+    """
+    allowed, known = list(allowed), set(known)
+    names = allowed + [alias for alias, key in ALIASES.items() if key in allowed]
+    bad = []
+    for key in keys:
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: {key!r} is not a key name; keys are words such as {allowed[0]!r}")
+        if ALIASES.get(key, key) not in allowed:
+            bad.append(key)
+    if not bad:
+        return
+    parts = []
+    for key in bad:
+        hint = difflib.get_close_matches(key, names, n=1)
+        parts.append(repr(key) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    why = f" ({note})" if note and any(ALIASES.get(k, k) in known for k in bad) else ""
+    raise ConfigError(f"{source}: {command} does not use {', '.join(parts)}{why}; fix or remove "
+                      f"{'it' if len(bad) == 1 else 'them'}. Keys of {command}: {', '.join(allowed)}")
+
+
 def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """``cls(**values)`` with aliases applied, unknown keys rejected and values coerced."""
     types_ = field_types(cls)
-    kwargs: dict[str, Any] = {}
-    for raw_key, value in values.items():
-        key = ALIASES.get(raw_key, raw_key)
-        if key not in types_:
-            hint = difflib.get_close_matches(raw_key, list(types_) + list(ALIASES), n=1)
-            raise ValueError(f"{source}: unknown key {raw_key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                             + f" (valid keys: {', '.join(types_)})")
-        kwargs[key] = _coerce(f"{source}: {key}", value, types_[key])
+    check_keys(values, types_, source, COMMANDS.get(cls, cls.__name__))
+    kwargs = {ALIASES.get(key, key): value for key, value in values.items()}
+    kwargs = {key: _coerce(f"{source}: {key}", value, types_[key]) for key, value in kwargs.items()}
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=0.01", "crop_size=[256,256]"]`` -> dict; values are parsed as YAML scalars/lists."""
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. max_iters=1000)")
-        key, text = item.split("=", 1)
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"argument {item!r} is not key=value (e.g. max_iters=1000)")
         text = text.strip()
         try:
             value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = text
         out[key.strip()] = value
     return out
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The ``key: value`` mapping of a YAML file, with clear errors for a missing or malformed file."""
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``key: value`` mapping of a YAML file, with clear errors for a missing or malformed file.
+
+    Raises:
+        MissingFileError: there is no such file.
+        ConfigError: a folder, unreadable, not YAML, or not a mapping with text keys.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a YAML file")
     if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
+        raise MissingFileError(f"config file {p} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(data)  # bytes: PyYAML detects UTF-8/UTF-16 and rejects bad encodings itself
     except yaml.YAMLError as exc:
-        raise ValueError(f"{p} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply to be a config file") from None
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{p} must hold a mapping of key: value, not {type(loaded).__name__}")
+        raise ConfigError(f"{p} must hold a mapping of key: value, not a {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: {bad[0]!r} is not a key name; write key: value lines such as 'max_iters: 1000'")
     return loaded
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | dict | None = None,
+def _user_values(path: str | os.PathLike | None, overrides: list[str] | dict | None, allowed: Iterable[str],
+                 command: str, known: Iterable[str] = (), note: str = "") -> dict[str, Any]:
+    """The YAML file's keys, then the ``key=value`` overrides on top; each checked, the message names its source."""
+    allowed = list(allowed)
+    values: dict[str, Any] = {}
+    if path:
+        from_file = read_yaml_mapping(path)
+        check_keys(from_file, allowed, str(path), command, known, note)
+        values.update(from_file)
+    if overrides:
+        given = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        check_keys(given, allowed, "command line", command, known, note)
+        values.update(given)
+    return values
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 base: dict[str, Any] | None = None) -> C:
     """Config of type ``cls``: ``base`` values, then the YAML file, then ``key=value`` overrides on top."""
-    values: dict[str, Any] = dict(base or {})
-    if path:
-        values.update(read_yaml_mapping(path))
-    if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(cls, values, str(path) if path else "config")
+    user = _user_values(path, overrides, field_types(cls), COMMANDS.get(cls, cls.__name__))
+    return build_config(cls, {**(base or {}), **user}, str(path) if path else "config")
+
+
+def eval_config(saved: dict[str, Any], path: str | os.PathLike | None = None,
+                overrides: list[str] | dict | None = None) -> TrainConfig:
+    """The TrainConfig of ``mirseg eval``: the checkpoint's ``saved`` config with the user's keys on top.
+
+    Only the user's keys (YAML file and overrides) are checked against :data:`EVAL_KEYS`.
+    """
+    user = _user_values(path, overrides, EVAL_KEYS, "mirseg eval", known=TrainConfig.__dataclass_fields__,
+                        note=_EVAL_NOTE)
+    # A key an older mirseg saved and this one no longer has must not stop the evaluation.
+    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    return build_config(TrainConfig, {**known, **user}, str(path) if path else "config")
+
+
+def check_output_dir(key: str, path: str | os.PathLike) -> None:
+    """Fail before any work when ``path`` cannot be a folder to write in; the ConfigError names ``key``.
+
+    ``path`` may not exist yet; it fails when it is a file, when one of its parents is a file, or when
+    the nearest existing parent is not writable.
+    """
+    if not str(path):
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: {p} is a file, not a folder: choose another {key}, or move the file away")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}: {p} cannot be created because {parent} is a file: choose another {key}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: no permission to write in {parent} (for {p}): choose another {key}")
+
+
+def check_output_dirs(cfg: Any) -> None:
+    """:func:`check_output_dir` for each folder key of ``cfg`` (work_dir, tensorboard_dir, out_dir)."""
+    for key in OUTPUT_DIR_KEYS:
+        value = getattr(cfg, key, "")
+        if value:
+            check_output_dir(key, value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -427,8 +579,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
-__all__ = ["PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig", "build_config",
-           "load_config", "parse_overrides", "resolve_preset", "save_config", "to_dict"]
+__all__ = ["EVAL_KEYS", "PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig",
+           "build_config", "check_keys", "check_output_dir", "check_output_dirs", "eval_config", "load_config",
+           "parse_overrides", "read_yaml_mapping", "resolve_preset", "save_config", "to_dict"]
 
 
 def reference_markdown() -> str:
@@ -442,7 +595,8 @@ def reference_markdown() -> str:
     out = ["# Configuration reference", "",
            "Generated by `python -m mirseg.config > docs/configuration.md` from the dataclasses in "
            "`mirseg/config.py`; do not edit by hand. Keys go in a YAML file or on the command line as `key=value` "
-           "(lists as `[a,b]`). An unknown key is an error with a \"did you mean\" hint.", ""]
+           "(lists as `[a,b]`). A key the command does not use is an error with a \"did you mean\" hint and the "
+           "command's keys.", ""]
     sections = [("mirseg train / mirseg eval", TrainConfig), ("mirseg infer", InferConfig), ("mirseg mine", MineConfig)]
     for title, cls in sections:
         helps, hints = field_help(cls), typing.get_type_hints(cls)
@@ -454,6 +608,9 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else ""
             out.append(f"| `{f.name}` | {tp} | `{default!r}` | {helps.get(f.name, '').replace('|', '/')} |")
         out.append("")
+        if cls is TrainConfig:
+            out += ["`mirseg eval` starts from the checkpoint's saved config and takes only "
+                    + ", ".join(f"`{k}`" for k in EVAL_KEYS) + f"; any other key is an error ({_EVAL_NOTE}).", ""]
     out += ["Aliases: " + ", ".join(f"`{a}` = `{k}`" for a, k in ALIASES.items()) + ".", "",
             "## Presets (`config_file`)", "", "| preset | network | crop (h, w) | scale (w, h) | lr | weight decay | "
             "design batch | test mode |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from mirseg.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -34,11 +36,11 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu")
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def setup(device: str = "auto") -> Runtime:

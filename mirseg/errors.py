@@ -32,6 +32,14 @@ class MissingFileError(MirsegError, FileNotFoundError):
     """A file or folder the job needs is not there."""
 
 
+class FileFormatError(MirsegError, ValueError):
+    """A file is there but is not what the job needs (not a checkpoint, not a mirseg export, unreadable text)."""
+
+
+class DependencyError(MirsegError, RuntimeError):
+    """An optional package the job needs is not installed; the message says what to install."""
+
+
 class Interrupted(MirsegError):
     """The job stopped on SIGINT or SIGTERM after saving what it had; ``exit_code`` is 128 + the signal."""
 

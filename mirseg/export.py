@@ -45,7 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mirseg.config import check_output_dir
 from mirseg.constants import IMAGENET_MEAN, IMAGENET_STD
+from mirseg.errors import ConfigError, DependencyError, FileFormatError, MissingFileError
 from mirseg.fileio import temp_sibling
 from mirseg.infer import Predictor, load_predictor
 
@@ -187,13 +189,17 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
     """
     fmt = str(fmt).lower()
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if height < 32 or width < 32:
-        raise ValueError(f"height and width of the example input must be >= 32, got {height}x{width}")
+        raise ConfigError(f"--height and --width of the example input must be >= 32, got {height}x{width}")
+    out = Path(output) if output else Path(checkpoint).with_suffix(SUFFIXES[fmt])
+    if out.is_dir():
+        raise ConfigError(f"--output {out} is a folder: give the file to write, e.g. {out / Path(checkpoint).stem}"
+                          f"{SUFFIXES[fmt]}")
+    check_output_dir("--output", out.parent)  # before the model is loaded and traced
     predictor = load_predictor(checkpoint, device="cpu", channels_last=False)
     reference = predictor.model  # folded BN: what `mirseg infer` computes
     net = LogitsOnly(_copy_for_trace(reference)).eval()
-    out = Path(output) if output else Path(checkpoint).with_suffix(SUFFIXES[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     meta = metadata(predictor, fmt, (height, width), opset if fmt == "onnx" else None)
@@ -244,7 +250,8 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int, 
     try:
         import onnx
     except ImportError:
-        raise RuntimeError("ONNX export needs the onnx package: pip install 'mirseg[export]'") from None
+        raise DependencyError("ONNX export needs the onnx package: pip install 'mirseg[export]' "
+                              "(or use --format torchscript)") from None
     axes = {0: "batch", 2: "height", 3: "width"}
     torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, do_constant_folding=True)
@@ -258,8 +265,8 @@ def _ort_session(path: str | os.PathLike, threads: int | None = None, providers:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RuntimeError("checking or running an ONNX model needs onnxruntime: pip install 'mirseg[export]' "
-                           "(or export with --no-check)") from None
+        raise DependencyError("checking or running an ONNX model needs onnxruntime: pip install 'mirseg[export]' "
+                              "(or export with --no-check)") from None
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -281,9 +288,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     side = Path(f"{path}.json")
     if side.is_file():
-        return json.loads(side.read_text())
+        try:
+            return json.loads(side.read_bytes())
+        except ValueError as exc:
+            raise FileFormatError(
+                f"{side} is not valid JSON ({exc}): export the model again with `mirseg export`") from None
     if not path.is_file():
-        raise FileNotFoundError(f"exported model {path} does not exist")
+        raise MissingFileError(f"exported model {path} does not exist")
     if path.suffix == ".onnx":
         import onnx
 
@@ -297,8 +308,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         if extra[f"{METADATA_KEY}.json"]:
             return json.loads(extra[f"{METADATA_KEY}.json"])
-    raise ValueError(f"{path} has no mirseg metadata ({side.name} missing and none embedded); export it with "
-                     "`mirseg export`")
+    raise FileFormatError(f"{path} has no mirseg metadata ({side.name} missing and none embedded); export it with "
+                          "`mirseg export`")
 
 
 class OnnxModule(nn.Module):
@@ -324,7 +335,8 @@ def onnx_predictor(path: str | os.PathLike, img_scale: tuple[int, int] | None = 
     """
     meta = read_metadata(path)
     if not str(meta.get("format", "")).endswith("onnx"):
-        raise ValueError(f"{path} is not an ONNX export of mirseg (metadata format {meta.get('format')!r})")
+        raise FileFormatError(f"{path} is not an ONNX export of mirseg (metadata format {meta.get('format')!r}): "
+                              "give the .onnx file `mirseg export --format onnx` wrote")
     return Predictor(
         model=OnnxModule(path, threads), arch=str(meta["arch"]), class_names=list(meta["class_names"]),
         ignore_blank_area=bool(meta["ignore_blank_area"]), img_scale=tuple(img_scale or meta["img_scale"]),

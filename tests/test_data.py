@@ -368,9 +368,12 @@ def test_coco_malformed_annotations_are_errors(tmp_path):
         load([ann(5, 1, {"counts": [2, 2, 2], "size": [2, 4]})])
     with pytest.raises(DatasetError, match="annotation 6 .*flat list of numbers"):
         load([ann(6, 1, [[[0, 0], [1, 0], [1, 1]]])])
-    (sample,) = load([ann(7, 1, {"counts": "garbage!!", "size": [2, 4]})])
-    with pytest.raises(DatasetError, match="annotation 7 cannot be decoded"):
-        sample.load_label()  # a corrupt counts string shows up when rasterised
+    with pytest.raises(DatasetError, match="annotation 7 .*compressed RLE counts 'garbage!!' are corrupt"):
+        load([ann(7, 1, {"counts": "garbage!!", "size": [2, 4]})])
+    with pytest.raises(DatasetError, match=r"annotation 8 .*cover height\*width = 8 pixels"):
+        load([ann(8, 1, {"counts": "0", "size": [2, 4]})])  # too few pixels: pycocotools would not notice
+    (sample,) = load([ann(9, 1, {"counts": "35", "size": [2, 4]})])  # column-major: 3 background, 5 car
+    assert sample.load_label().flatten(order="F").tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
 
 
 def test_coco_images_missing_from_folder_are_skipped_with_a_count(tmp_path, mirseg_log):

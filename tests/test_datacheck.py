@@ -178,16 +178,17 @@ def test_large_sets_show_a_progress_bar(tmp_path, capsys):
     assert "checking data" not in capsys.readouterr().err
 
 
-def test_coco_corrupt_rle_is_found_by_the_check(tmp_path):
+def test_coco_corrupt_rle_is_found_when_the_json_is_read(tmp_path):
+    # pycocotools decodes such strings without an error (pixels past the runs are left unwritten):
+    # the runs are checked against height*width when the JSON is read, before any training.
     s = jpeg_set(tmp_path, 2)
     coco = json.loads(s.ann.read_text())
-    coco["annotations"][0]["segmentation"] = {"size": [48, 64], "counts": "\x7f\x7f\x7f"}  # not an RLE string
-    s.ann.write_text(json.dumps(coco))
-    samples = load_coco(s.ann, s.images, s.class_names)  # compressed counts are only decoded when rasterised
-    with pytest.raises(DatasetError, match=f"annotation {coco['annotations'][0]['id']} cannot be decoded"):
-        SegDataset(samples).load(0)  # what training would meet at some iteration
-    with pytest.raises(DatasetError, match="found 1 problem in 1 of 2 train samples"):
-        check_data({"train": samples}, num_classes=3)
+    ann_id = coco["annotations"][0]["id"]
+    for counts in ("\x7f\x7f\x7f", "0", "??"):  # not RLE; runs covering 0 pixels; covering too few
+        coco["annotations"][0]["segmentation"] = {"size": [48, 64], "counts": counts}
+        s.ann.write_text(json.dumps(coco))
+        with pytest.raises(DatasetError, match=f"annotation {ann_id}.*compressed RLE counts .* are corrupt"):
+            load_coco(s.ann, s.images, s.class_names)
 
 
 def test_check_with_workers_after_the_parent_used_opencv(tmp_path):

@@ -28,9 +28,10 @@ was not adopted because semantic exports often overlap on purpose, e.g. "car" ov
 Bad data -- what happens (``DatasetError`` and ``ImageError`` are ``ValueError`` subclasses whose
 message names the JSON file, the offending item and the fix):
 
-- not JSON, not a dict, ``images``/``annotations`` missing or not lists, an image entry without
-  ``id``/``file_name``/positive ``width``/``height``, duplicate image or category ids, an
-  annotation without ``image_id``/``category_id`` or pointing at an unknown image id
+- unreadable, not JSON, not a dict, ``images``/``annotations`` missing or not lists, an image entry
+  without ``id``/``file_name``/positive ``width``/``height`` (at most 2**30 pixels, OpenCV's limit),
+  an id that is not an integer or a string, duplicate image or category ids, an annotation without
+  ``image_id``/``category_id`` or pointing at an unknown image id
   -> ``DatasetError`` (the file is not the COCO file you meant; guessing would train on garbage).
 - ``class_by="name"`` without a ``categories`` list -> ``DatasetError``.
 - annotation of a class not in ``class_names`` -> by ``on_unknown_class``: ``"error"`` (default,
@@ -41,15 +42,15 @@ message names the JSON file, the offending item and the fix):
   images that are actually used are considered.
 - ``class_by="id"`` and ``categories`` names id ``k`` differently from ``class_names[k]``
   -> ``DatasetError`` (the class list does not belong to this export).
-- empty segmentation (``[]``, ``{}``, missing: a box-only object) and degenerate polygon rings
+- empty segmentation (``[]``, ``{}``, ``null``, missing: a box-only object) and degenerate polygon rings
   (< 3 points, odd coordinate count, zero area) -> dropped, with **one** warning per file giving
   counts and a few annotation ids; a shape with no usable ring left is skipped.
-- malformed segmentation (not a list/dict, non-numeric coordinates, RLE ``size`` different from
-  the image's ``height``/``width``, uncompressed ``counts`` not summing to ``height * width``)
-  -> ``DatasetError``. A corrupt compressed ``counts`` string (its runs, see :func:`rle_total`,
-  not covering ``height * width``) is found when that image's label is rasterised, which the data
-  check (:mod:`mirseg.data.check`) does for every image before training; the ``DatasetError`` names
-  the annotation.
+- malformed segmentation (not a list/dict, non-numeric or non-finite coordinates, coordinates far
+  outside the image, RLE ``size`` different from the image's ``height``/``width``, uncompressed
+  ``counts`` not summing to ``height * width``, a compressed ``counts`` string that is malformed or
+  whose runs do not cover exactly ``height * width`` pixels) -> ``DatasetError``. Anything
+  pycocotools still cannot decode is found when that image's label is rasterised; the
+  ``DatasetError`` then names the annotation.
 - image listed in the JSON but absent from the folder/list -> skipped, one log line with the count
   (``WARNING`` for a folder; ``INFO`` for an explicit list, since YMIR's one JSON lists the train
   and val images together and each index file selects its split).
@@ -68,6 +69,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -81,6 +83,7 @@ from pycocotools import mask as mask_utils
 from mirseg.constants import BACKGROUND, IGNORE_INDEX
 from mirseg.data.dataset import DatasetError
 from mirseg.data.images import ImageError
+from mirseg.errors import ConfigError
 
 logger = logging.getLogger("mirseg")
 
@@ -88,6 +91,8 @@ ClassBy = Literal["name", "id"]
 OnUnknownClass = Literal["error", "skip", "ignore"]
 
 _MAX_LISTED = 5  # how many offending items an error or warning names before "..."
+_MAX_PIXELS = 1 << 30  # OpenCV's default CV_IO_MAX_IMAGE_PIXELS: a larger image could not be read anyway
+_COORD_MARGIN = 8  # polygon coordinates may lie this many image sides outside the image, no further
 
 
 def dataset_classes(class_names: Sequence[str], ignore_blank_area: bool) -> list[str]:
@@ -147,14 +152,9 @@ class CocoSample:
                 if kind == "poly":  # rings -> one RLE per ring -> their union
                     rle = mask_utils.merge(mask_utils.frPyObjects(data, self.height, self.width))
                 else:
-                    # pycocotools leaves the pixels past too-short runs uninitialised (garbage, not an error)
-                    covered = rle_total(data["counts"])
-                    if covered != self.height * self.width:
-                        raise ValueError(f"its RLE runs cover {covered} pixels, not height*width = "
-                                         f"{self.height * self.width}")
-                    rle = data
+                    rle = data  # its runs were checked against height*width at load (rle_total)
                 mask = mask_utils.decode(rle)  # (H, W) uint8 0/1, Fortran order
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 raise DatasetError(
                     f"{self.source}: annotation {ann_id} cannot be decoded ({e}); fix or remove it"
                 ) from e
@@ -225,9 +225,9 @@ def load_coco(
     shift = 0 if ignore_blank_area else 1  # blank area is class 0, so user class k is k + 1
     fill = IGNORE_INDEX if ignore_blank_area else 0
     if class_by not in ("name", "id"):
-        raise ValueError(f"class_by must be 'name' or 'id', got {class_by!r}")
+        raise ConfigError(f"coco_class_by (class_by) must be 'name' or 'id', got {class_by!r}")
     if on_unknown_class not in ("error", "skip", "ignore"):
-        raise ValueError(f"on_unknown_class must be 'error', 'skip' or 'ignore', got {on_unknown_class!r}")
+        raise ConfigError(f"on_unknown_class must be 'error', 'skip' or 'ignore', got {on_unknown_class!r}")
 
     coco = _read_coco_json(path)
     image_entries = _check_images(path, coco["images"])  # id -> (file_name, height, width)
@@ -243,7 +243,8 @@ def load_coco(
             if _is_int(cid) and 0 <= cid < num_user and name != class_names[cid]:
                 raise DatasetError(
                     f"{path}: category id {cid} is named {name!r} but class_names[{cid}] is {class_names[cid]!r}: "
-                    "with class_by='id' the ids index class_names, so pass the class list this file was exported with"
+                    "with coco_class_by=id (class_by='id') the ids index class_names, so pass the class list this "
+                    "file was exported with, or set coco_class_by=name to match categories by name"
                 )
 
     paths = _resolve_images(path, image_entries, images)  # image id -> image path, for images we use
@@ -258,6 +259,9 @@ def load_coco(
         for key in ("image_id", "category_id"):
             if key not in ann:
                 raise DatasetError(f"{path}: annotation {ann_id} has no {key!r}; the file is not COCO segmentation")
+            if not _is_id(ann[key]):
+                raise DatasetError(f"{path}: annotation {ann_id} has {key} {ann[key]!r}; ids must be integers "
+                                   "(or strings): the file is not COCO segmentation")
         image_id, cid = ann["image_id"], ann["category_id"]
         if image_id not in image_entries:
             raise DatasetError(
@@ -272,8 +276,8 @@ def load_coco(
             if cid not in categories:
                 raise DatasetError(
                     f"{path}: annotation {ann_id} (image {file_name!r}) has category_id {cid!r}, which 'categories' "
-                    "does not list, so its class name is unknown: fix the file, or use class_by='id' if the ids "
-                    "index class_names (YMIR exports)"
+                    "does not list, so its class name is unknown: fix the file, or set coco_class_by=id "
+                    "(load_coco's class_by='id') if the ids index class_names (YMIR exports)"
                 )
             user_class = class_of.get(cid)
         else:
@@ -316,7 +320,10 @@ def _read_coco_json(path: Path) -> dict[str, Any]:
             coco = json.load(f)
     except FileNotFoundError as e:
         raise DatasetError(f"annotation file not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a folder, no permission
+        raise DatasetError(f"cannot read annotation file {path}: {e.strerror or e}") from e
+    # ValueError: bad JSON or UTF-8, or an integer too long for int(); RecursionError: absurd nesting.
+    except (ValueError, RecursionError) as e:
         raise DatasetError(f"{path} is not valid JSON ({e}); is it the COCO annotation file?") from e
     if not isinstance(coco, dict):
         raise DatasetError(
@@ -334,14 +341,18 @@ def _check_images(path: Path, entries: list[Any]) -> dict[Any, tuple[str, int, i
     """image id -> (file_name, height, width), every entry checked."""
     out: dict[Any, tuple[str, int, int]] = {}
     for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
-            raise DatasetError(f"{path}: images[{n}] needs an 'id' and a 'file_name' string; the file is not COCO")
+        if not isinstance(entry, dict) or not _is_id(entry.get("id")) or not isinstance(entry.get("file_name"), str):
+            raise DatasetError(f"{path}: images[{n}] needs an integer 'id' and a 'file_name' string; the file is "
+                               "not COCO")
         height, width = entry.get("height"), entry.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             raise DatasetError(
                 f"{path}: image {entry['file_name']!r} needs positive integer 'height' and 'width' "
                 f"(got {height!r}, {width!r}): re-export with image sizes"
             )
+        if height * width > _MAX_PIXELS:
+            raise DatasetError(f"{path}: image {entry['file_name']!r} is {width}x{height}, more than {_MAX_PIXELS} "
+                               "pixels (the most OpenCV reads): tile it, or fix 'height' and 'width'")
         if entry["id"] in out:
             raise DatasetError(f"{path}: image id {entry['id']!r} appears twice in 'images'; ids must be unique")
         out[entry["id"]] = (entry["file_name"], height, width)
@@ -354,15 +365,15 @@ def _check_categories(path: Path, categories: Any, class_by: ClassBy) -> dict[An
         if class_by == "name":
             raise DatasetError(
                 f"{path} has no 'categories' list, so annotations cannot be matched to class_names by name; "
-                "add it, or use class_by='id' if category_id indexes class_names"
+                "add it, or set coco_class_by=id (load_coco's class_by='id') if category_id indexes class_names"
             )
         return {}
     if not isinstance(categories, list):
         raise DatasetError(f"{path}: 'categories' is a {type(categories).__name__}, not a list")
     out: dict[Any, str] = {}
     for n, cat in enumerate(categories):
-        if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str):
-            raise DatasetError(f"{path}: categories[{n}] needs an 'id' and a 'name' string")
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise DatasetError(f"{path}: categories[{n}] needs an integer 'id' and a 'name' string")
         if cat["id"] in out:
             raise DatasetError(f"{path}: category id {cat['id']!r} appears twice in 'categories'")
         out[cat["id"]] = cat["name"]
@@ -428,14 +439,19 @@ def _prepare_segmentation(
 ) -> tuple[str, Any] | None:
     """Check one ``segmentation``; ``("poly", rings)``, ``("rle", compressed rle)`` or None (dropped, noted)."""
     where = f"{path}: annotation {ann_id} (image {file_name!r})"
-    if not seg:  # None, [] or {}: a box-only object, nothing to paint
+    if seg is None or (isinstance(seg, (list, dict)) and not seg):  # a box-only object, nothing to paint
         dropped["empty segmentations"].append(ann_id)
         return None
     if isinstance(seg, list):
         rings = []
         for ring in seg:
-            if not isinstance(ring, list) or not all(_is_number(v) for v in ring):
+            if not isinstance(ring, list) or not all(_is_number(v) and math.isfinite(v) for v in ring):
                 raise DatasetError(f"{where}: a polygon must be a flat list of numbers [x1, y1, x2, y2, ...]")
+            # pycocotools walks every edge pixel by pixel: a coordinate of 1e12 would take forever.
+            side = _COORD_MARGIN * max(height, width)
+            if any(not -side <= v <= side + max(height, width) for v in ring):
+                raise DatasetError(f"{where}: polygon coordinates lie far outside the {width}x{height} image "
+                                   "(the shape belongs to another image size): re-export it")
             # < 3 points would also be misread by pycocotools: a 4-number list is taken as a box.
             if len(ring) < 6 or len(ring) % 2 or _polygon_area(ring) == 0:
                 dropped["degenerate polygon rings (< 3 points, odd length or zero area)"].append(ann_id)
@@ -452,7 +468,16 @@ def _prepare_segmentation(
                 raise DatasetError(f"{where}: uncompressed RLE counts must be non-negative integers summing to "
                                    f"height*width = {height * width}")
             return "rle", mask_utils.frPyObjects(seg, height, width)  # -> compressed, far smaller
-        if isinstance(counts, (str, bytes)):
+        if isinstance(counts, str):
+            # pycocotools decodes runs that cover fewer pixels than the image into a partly unwritten buffer.
+            try:
+                covered = rle_total(counts)
+            except ValueError as exc:
+                raise DatasetError(f"{where}: compressed RLE counts {_short(counts)} are corrupt ({exc}): "
+                                   "re-export the annotation") from None
+            if covered != height * width:
+                raise DatasetError(f"{where}: compressed RLE counts {_short(counts)} are corrupt (their runs cover "
+                                   f"{covered} pixels, not height*width = {height * width}): re-export the annotation")
             return "rle", {"size": [height, width], "counts": counts}
     raise DatasetError(f"{where}: segmentation must be a polygon list or an RLE dict with 'counts' and 'size', "
                        f"got {type(seg).__name__}")
@@ -484,6 +509,10 @@ def _report_unknown(
     logger.warning("%s: classes not in class_names, their pixels are %s: %s", path, action, summary)
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def _polygon_area(ring: list[float]) -> float:
     """Shoelace area of a flat ``[x1, y1, x2, y2, ...]`` ring."""
     xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)  # (points, 2)
@@ -493,6 +522,11 @@ def _polygon_area(ring: list[float]) -> float:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    """COCO ids are integers; strings are accepted too (some tools write them)."""
+    return _is_int(v) or isinstance(v, str)
 
 
 def _is_number(v: Any) -> bool:

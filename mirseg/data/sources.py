@@ -21,6 +21,7 @@ from typing import Any
 from mirseg.data.coco import dataset_classes, load_coco
 from mirseg.data.dataset import DatasetError
 from mirseg.data.labelfolder import load_label_folder
+from mirseg.errors import ConfigError
 
 log = logging.getLogger("mirseg")
 
@@ -42,11 +43,15 @@ def image_source(path: str) -> str | list[str]:
         return str(p)
     if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
         paths = []
-        for line in p.read_text().splitlines():
+        for n, line in enumerate(_read_lines(p), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            item = Path(line.split("\t")[0])
+            first = line.split("\t")[0].strip()
+            if not first or "\0" in first:
+                raise DatasetError(f"{p} line {n}: {line[:80]!r} has no image path in its first (tab-separated) "
+                                   "column: one image path per line")
+            item = Path(first)
             paths.append(str(item if item.is_absolute() else p.parent / item))
         return paths
     if p.is_file():
@@ -54,31 +59,48 @@ def image_source(path: str) -> str | list[str]:
     raise DatasetError(f"image folder or list {p} does not exist")
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is dropped), or a DatasetError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start}): save the list as UTF-8, one path "
+                           "per line") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def coco_category_names(path: str) -> list[str]:
     """Category names of a COCO JSON, in file order (the default class order)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise DatasetError(f"COCO file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise DatasetError(f"cannot read COCO file {path}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or encoding, absurd nesting
         raise DatasetError(f"{path} is not valid JSON ({exc}); pass a COCO segmentation JSON") from None
     cats = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(cats, list) or not cats:
         raise DatasetError(f"{path} has no 'categories' list; give class_names explicitly")
-    return [str(c.get("name")) for c in cats if isinstance(c, dict)]
+    for n, cat in enumerate(cats):
+        if not isinstance(cat, dict) or not isinstance(cat.get("name"), str):
+            raise DatasetError(f"{path}: categories[{n}] has no 'name' string; fix the file or give class_names")
+    return [c["name"] for c in cats]
 
 
 def model_classes(cfg: Any, split: str = "train") -> list[str]:
     """The model's class list: background first unless ignore_blank_area (COCO layout only)."""
     if getattr(cfg, f"{split}_labels"):
         if not cfg.class_names:
-            raise ValueError(f"{split}_labels (label-PNG layout) needs class_names: names of label values 0, 1, ...")
+            raise ConfigError(f"{split}_labels (label-PNG layout) needs class_names: names of label values 0, 1, "
+                              "... (e.g. class_names=[road,car])")
         return list(cfg.class_names)
     names = list(cfg.class_names)
     if not names:
         ann = cfg.train_ann or getattr(cfg, f"{split}_ann")
         if not ann:
-            raise ValueError("no training data: give train_ann + train_images (COCO) or train_images + train_labels")
+            raise ConfigError("no training data: give train_ann + train_images (COCO) or train_images + train_labels")
         names = coco_category_names(ann)
     return dataset_classes(names, cfg.ignore_blank_area)
 
@@ -91,9 +113,9 @@ def load_split(cfg: Any, split: str) -> Split:
         if split == "val":
             log.warning("no validation data (val_ann or val_labels): no metrics and no best checkpoint")
             return Split([], classes)
-        raise ValueError(f"{split}: give {split}_ann (COCO) or {split}_labels (label PNGs)")
+        raise ConfigError(f"{split}: give {split}_ann (COCO) or {split}_labels (label PNGs)")
     if not images:
-        raise ValueError(f"{split}_images is empty: give the image folder or a list file of image paths")
+        raise ConfigError(f"{split}_images is empty: give the image folder or a list file of image paths")
     if labels:
         samples = load_label_folder(image_source(images), labels, len(classes))
     else:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mirseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from mirseg.errors import ConfigError
 
 _CAT_MAX_TRIES = 10  # mmseg RandomCrop: re-draws allowed by cat_max_ratio
 
@@ -151,11 +152,11 @@ class TrainTransform:
         std: tuple[float, ...] = IMAGENET_STD,
     ):
         if min(crop_size) < 1 or min(scale) < 1:
-            raise ValueError(f"crop_size {crop_size} and scale {scale} must be positive")
+            raise ConfigError(f"crop_size {list(crop_size)} and img_scale {list(scale)} must be positive")
         if not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
+            raise ConfigError(f"ratio_range must be (low, high) with 0 < low <= high, got {list(ratio_range)}")
         if not 0 < cat_max_ratio <= 1:
-            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+            raise ConfigError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale = (int(scale[0]), int(scale[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
@@ -220,7 +221,7 @@ class EvalTransform:
         std: tuple[float, ...] = IMAGENET_STD,
     ):
         if min(scale) < 1:
-            raise ValueError(f"scale {scale} must be positive")
+            raise ConfigError(f"img_scale {list(scale)} must be positive")
         self.scale = (int(scale[0]), int(scale[1]))
         self.mean, self.std = tuple(mean), tuple(std)
 

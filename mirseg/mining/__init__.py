@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mirseg.errors import ConfigError
 from mirseg.mining import baselines, ripu, rsal
 from mirseg.mining._names import lookup
 from mirseg.mining.superpixels import check_algorithm, enlarge, superpixel_grid
@@ -51,12 +52,12 @@ class MiningParams:
         baselines.check_reduction(self.reduction)
         for key in ("max_superpixel_per_image", "topk_superpixel_score", "max_kept_mining_image"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.superpixel_cell < 0 or self.ripu_region_radius < 0:
-            raise ValueError(f"superpixel_cell ({self.superpixel_cell}) and ripu_region_radius "
-                             f"({self.ripu_region_radius}) must be >= 0")
+            raise ConfigError(f"superpixel_cell ({self.superpixel_cell}) and ripu_region_radius "
+                              f"({self.ripu_region_radius}) must be >= 0")
         if not 0 < self.topk_percent <= 100:
-            raise ValueError(f"topk_percent must be in (0, 100], got {self.topk_percent}")
+            raise ConfigError(f"topk_percent must be in (0, 100], got {self.topk_percent}")
 
 
 PoolScores = tuple[np.ndarray, Sequence[Any]]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from mirseg.errors import ConfigError
+
 
 def lookup(key: str, name: str, choices: Iterable[str]) -> str:
-    """``name`` lower-cased and stripped if it is one of ``choices``; else a ValueError naming config ``key``."""
+    """``name`` lower-cased and stripped if it is one of ``choices``; else a ConfigError naming config ``key``."""
     choices = list(choices)
     value = str(name).strip().lower()
     if value in choices:
         return value
     hint = difflib.get_close_matches(value, choices, n=1)
-    raise ValueError(f"{key}: unknown value {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                     + f" Choose one of: {', '.join(choices)}")
+    raise ConfigError(f"{key}: unknown value {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                      + f" Choose one of: {', '.join(choices)}")

@@ -23,19 +23,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mirseg.errors import ConfigError
 from mirseg.mining._names import lookup
 
 REDUCTIONS = ("mean", "max", "sum", "topk")
 
 
 def check_reduction(reduction: str) -> str:
-    """The lower-case reduction name, or a ValueError with a "did you mean" hint."""
+    """The lower-case reduction name, or a ConfigError with a "did you mean" hint."""
     return lookup("reduction", reduction, REDUCTIONS)
 
 
 def _top_count(n: int, percent: float) -> int:
     if not 0 < percent <= 100:
-        raise ValueError(f"topk_percent must be in (0, 100], got {percent}")
+        raise ConfigError(f"topk_percent must be in (0, 100], got {percent}")
     return max(1, math.ceil(n * percent / 100))
 
 

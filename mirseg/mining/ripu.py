@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mirseg.errors import ConfigError
 from mirseg.mining.uncertainty import pixel_stats
 
 
@@ -102,7 +103,7 @@ def region_scores(proba: torch.Tensor, radius: int = 1) -> torch.Tensor:
     if proba.dim() != 3:
         raise ValueError(f"RIPU scores one image: probabilities (C, H, W), got {tuple(proba.shape)}")
     if radius < 0:
-        raise ValueError(f"ripu_region_radius must be >= 0, got {radius}")
+        raise ConfigError(f"ripu_region_radius must be >= 0, got {radius}")
     stats = pixel_stats(proba, entropy=True)  # one pass over the classes: entropy and argmax
     h, w = proba.shape[-2:]
     u = window_sum(stats.entropy, radius) / valid_count(h, w, radius, proba.device)  # (H, W) window means
@@ -144,7 +145,7 @@ class RipuSummary:
 def summarize(proba: torch.Tensor, radius: int = 1, k: int = 3) -> RipuSummary:
     """Image score = sum of the ``k`` best non-overlapping window scores of ``proba`` (C, H, W)."""
     if k < 1:
-        raise ValueError(f"topk_superpixel_score must be >= 1, got {k}")
+        raise ConfigError(f"topk_superpixel_score must be >= 1, got {k}")
     centres, values = select_windows(region_scores(proba, radius), radius, k)
     return RipuSummary(float(values.sum()), centres, values)
 

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 
+from mirseg.errors import ConfigError
 from mirseg.mining.regions import region_means, region_modes
 from mirseg.mining.uncertainty import uncertainty_map
 
@@ -127,7 +128,7 @@ def score_pool(summaries: Sequence[RsalSummary], num_classes: int, topk: int = 3
                class_balance: bool = True) -> RsalPool:
     """Image scores of the whole pool from the per-image summaries (in any order: the result is per image)."""
     if topk < 1 or max_kept < 1:
-        raise ValueError(f"topk_superpixel_score ({topk}) and max_kept_mining_image ({max_kept}) must be >= 1")
+        raise ConfigError(f"topk_superpixel_score ({topk}) and max_kept_mining_image ({max_kept}) must be >= 1")
     weights = class_weights(summaries, num_classes) if class_balance else np.ones(num_classes)
     weighted = [s.scores.astype(np.float64) * weights[s.classes.astype(np.int64)] for s in summaries]
     tau = threshold(np.concatenate(weighted) if weighted else np.zeros(0), max_kept, topk)

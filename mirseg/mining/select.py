@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 
+from mirseg.errors import ConfigError
 from mirseg.mining.baselines import hashed_uniform
 
 
@@ -49,7 +50,7 @@ def power_order(scores: Sequence[float] | np.ndarray, beta: float = 1.0, seed: i
     if np.any(s < 0):
         raise ValueError("power sampling needs scores >= 0")
     if beta < 0:
-        raise ValueError(f"power_beta must be >= 0, got {beta}")
+        raise ConfigError(f"power_beta must be >= 0, got {beta}")
     if keys is not None and len(keys) != s.size:
         raise ValueError(f"{len(keys)} keys for {s.size} scores")
     u = hashed_uniform(keys, seed) if keys is not None else np.random.default_rng(seed).random(s.size)
@@ -71,7 +72,7 @@ def select(scores: Sequence[float] | np.ndarray, n: int, method: Literal["top", 
     elif method == "power":
         order = power_order(scores, beta, seed, keys)
     else:
-        raise ValueError(f"sampling: unknown method {method!r}; use 'top' or 'power'")
+        raise ConfigError(f"sampling: unknown method {method!r}; use 'top' or 'power'")
     return order[:max(0, int(n))]
 
 

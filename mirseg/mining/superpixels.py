@@ -34,6 +34,7 @@ import math
 import cv2
 import numpy as np
 
+from mirseg.errors import ConfigError
 from mirseg.mining._names import lookup
 
 SUPERPIXEL_ALGORITHMS = ("slico", "slic", "mslic", "seeds")
@@ -151,7 +152,7 @@ def superpixel_grid(image: np.ndarray, algorithm: str = "slico", max_count: int 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"superpixels need an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
     if max_count < 1:
-        raise ValueError(f"max_superpixel_per_image must be >= 1, got {max_count}")
+        raise ConfigError(f"max_superpixel_per_image must be >= 1, got {max_count}")
     h, w = image.shape[:2]
     if h == 0 or w == 0:
         raise ValueError(f"superpixels of an empty image ({h}x{w})")

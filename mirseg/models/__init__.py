@@ -17,6 +17,7 @@ from functools import partial
 
 from torch import nn
 
+from mirseg.errors import ConfigError
 from mirseg.models.deeplabv3plus import DeepLabV3Plus
 from mirseg.models.fastscnn import FastSCNN
 from mirseg.models.hrnet import HRNetFCN
@@ -37,7 +38,8 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 def build_model(name: str, num_classes: int) -> nn.Module:
     """Build architecture ``name`` (a key of ``MODELS``) with ``num_classes`` output classes."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} (config_file picks "
+                          "one: mirseg models lists the presets)")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     return MODELS[name](num_classes)

@@ -9,7 +9,6 @@ with an error code, logs the reason and exits non-zero, so a task never stays "r
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import shlex
@@ -21,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, parse_overrides, save_config
+from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, check_keys, parse_overrides, save_config
+from mirseg.errors import ConfigError
 from mirseg.fileio import temp_sibling
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
@@ -38,6 +38,7 @@ from mirseg.ymir.protocol import (
     Monitor,
     YmirEnv,
     YmirError,
+    index_rows,
     read_env,
     read_index,
     read_yaml,
@@ -98,7 +99,7 @@ def _device(params: dict[str, Any], source: Path) -> tuple[str, int]:
     ids = [i for i in gpu_id.replace(" ", "").split(",") if i]
     try:
         count = int(float(params.get("gpu_count", len(ids)) or 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise YmirError(f"{source}: gpu_count must be a number, got {params.get('gpu_count')!r}") from None
     if count <= 0 or not ids:  # the original counted an empty gpu_id as one GPU and failed
         return "cpu", 0
@@ -111,12 +112,10 @@ def _device(params: dict[str, Any], source: Path) -> tuple[str, int]:
 
 def _check_keys(params: dict[str, Any], allowed: set[str], source: Path) -> None:
     """Unknown keys: an error with a "did you mean" hint (a typo would otherwise be silently ignored)."""
-    for key in params:
-        if key in allowed or key in PLATFORM_KEYS:
-            continue
-        hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-        raise YmirError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                        + " Remove it, or use a key of the template or of mirseg's configuration.")
+    try:
+        check_keys([k for k in params if k not in PLATFORM_KEYS], sorted(allowed), str(source), "this YMIR task")
+    except ConfigError as exc:
+        raise YmirError(str(exc)) from None
 
 
 def _parse_cfg_options(text: Any, source: Path) -> dict[str, Any]:
@@ -221,10 +220,9 @@ def _annotation_file(index: Path, env: YmirEnv) -> Path:
 
     A relative entry is relative to the index file's folder, like the image column (the list-file rule).
     """
-    for line in index.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) > 1 and parts[1].strip():
-            return index.parent / parts[1].strip()  # an absolute entry stays as it is
+    for row in index_rows(index, "training"):
+        if len(row) > 1 and row[1]:
+            return index.parent / row[1]  # an absolute entry stays as it is
     fallback = Path(str(env.config_file)).parent / "annotations" / "coco-annotations.json"
     if fallback.is_file():
         return fallback

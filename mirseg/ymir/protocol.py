@@ -90,7 +90,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         return read_yaml_mapping(path)
-    except (FileNotFoundError, ValueError) as exc:
+    except MirsegError as exc:  # missing, unreadable, not YAML, not a mapping
         raise YmirError(str(exc)) from None
 
 
@@ -105,15 +105,19 @@ def read_env(path: str | os.PathLike) -> YmirEnv:
     if not isinstance(inp, dict) or not isinstance(out, dict):
         raise YmirError(f"{path}: 'input' and 'output' must be mappings of paths")
 
-    def req(section: dict, name: str, key: str) -> Path:
+    def opt(section: dict, name: str, key: str) -> Path | None:
         value = section.get(key)
-        if not value:
-            raise YmirError(f"{path}: {name}.{key} is missing")
-        return Path(str(value))
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str) or "\0" in value:
+            raise YmirError(f"{path}: {name}.{key} must be a path, got {value!r}")
+        return Path(value)
 
-    def opt(section: dict, key: str) -> Path | None:
-        value = section.get(key)
-        return Path(str(value)) if value else None
+    def req(section: dict, name: str, key: str) -> Path:
+        value = opt(section, name, key)
+        if value is None:
+            raise YmirError(f"{path}: {name}.{key} is missing")
+        return value
 
     out_root = req(out, "output", "root_dir")
     return YmirEnv(
@@ -123,28 +127,54 @@ def read_env(path: str | os.PathLike) -> YmirEnv:
         run_infer=_flag(env.get("run_infer", False), "run_infer", path),
         protocol_version=str(env.get("protocol_version", "")),
         config_file=req(inp, "input", "config_file"),
-        assets_dir=Path(str(inp.get("assets_dir") or "")),
-        models_dir=Path(str(inp.get("models_dir") or "")),
-        training_index_file=opt(inp, "training_index_file"),
-        val_index_file=opt(inp, "val_index_file"),
-        candidate_index_file=opt(inp, "candidate_index_file"),
+        assets_dir=opt(inp, "input", "assets_dir") or Path(),
+        models_dir=opt(inp, "input", "models_dir") or Path(),
+        training_index_file=opt(inp, "input", "training_index_file"),
+        val_index_file=opt(inp, "input", "val_index_file"),
+        candidate_index_file=opt(inp, "input", "candidate_index_file"),
         out_dir=out_root,
-        out_models_dir=opt(out, "models_dir") or out_root / "models",
-        tensorboard_dir=opt(out, "tensorboard_dir") or out_root / "tensorboard",
-        training_result_file=opt(out, "training_result_file") or out_root / "models" / "result.yaml",
-        mining_result_file=opt(out, "mining_result_file") or out_root / "result.tsv",
-        infer_result_file=opt(out, "infer_result_file") or out_root / "infer-result.json",
-        monitor_file=opt(out, "monitor_file") or out_root / "monitor.txt",
+        out_models_dir=opt(out, "output", "models_dir") or out_root / "models",
+        tensorboard_dir=opt(out, "output", "tensorboard_dir") or out_root / "tensorboard",
+        training_result_file=opt(out, "output", "training_result_file") or out_root / "models" / "result.yaml",
+        mining_result_file=opt(out, "output", "mining_result_file") or out_root / "result.tsv",
+        infer_result_file=opt(out, "output", "infer_result_file") or out_root / "infer-result.json",
+        monitor_file=opt(out, "output", "monitor_file") or out_root / "monitor.txt",
     )
+
+
+def index_rows(path: Path | None, what: str) -> list[list[str]]:
+    """The TAB-separated columns of each non-blank line of an index file (UTF-8), each stripped.
+
+    Raises:
+        YmirError (dataset code): no such file, not UTF-8 text, or a line whose first column is empty.
+    """
+    if path is None:
+        raise YmirError(f"env.yaml names no {what} index file", CODE_DATASET)
+    if not path.is_file():
+        raise YmirError(f"{what} index file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""),
+                        CODE_DATASET)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first path
+    except UnicodeDecodeError as exc:
+        raise YmirError(f"{what} index file {path} is not UTF-8 text (byte {exc.start}); the platform writes "
+                        "UTF-8: is it the right file?", CODE_DATASET) from None
+    except OSError as exc:
+        raise YmirError(f"cannot read {what} index file {path}: {exc.strerror or exc}", CODE_DATASET) from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        columns = [c.strip() for c in line.split("\t")]
+        if not columns[0] or "\0" in columns[0]:
+            raise YmirError(f"{what} index file {path} line {n}: {line[:80]!r} has no image path in its first "
+                            "column (expected image<TAB>annotation lines)", CODE_DATASET)
+        rows.append(columns)
+    return rows
 
 
 def read_index(path: Path | None, what: str) -> list[str]:
     """Image paths (first TAB column) of an index file, as written; blank lines skipped."""
-    if path is None:
-        raise YmirError(f"env.yaml names no {what} index file", CODE_DATASET)
-    if not path.is_file():
-        raise YmirError(f"{what} index file {path} does not exist", CODE_DATASET)
-    return [line.split("\t")[0].strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row[0] for row in index_rows(path, what)]
 
 
 # ---------------------------------------------------------------------------------------------
