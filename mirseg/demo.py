@@ -19,6 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mirseg.data.images import write_image
+from mirseg.fileio import write_atomic
+
 log = logging.getLogger("mirseg")
 
 
@@ -173,7 +176,7 @@ def _contact_sheet(out: Path, val_set, rsal, keep: int, width: int = 256) -> Pat
         rows.append(np.concatenate([_fit(x, width) for x in (image, regions, chosen)], 1))
     sheet = np.concatenate([np.pad(r, ((2, 2), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
     path = out / "contact_sheet.png"
-    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    write_image(path, sheet)
     return path
 
 
@@ -201,7 +204,7 @@ def _summary(out: Path, plan: Plan, result, infer, mined, origins, keep: int, ym
               "## Contact sheet", "", f"`{sheet.name}`: three validation scenes (image, ground truth, prediction), "
               "then the top RSAL picks (image, chosen superpixels, overlay).", ""]
     path = out / "SUMMARY.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
 
 

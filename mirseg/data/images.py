@@ -19,6 +19,9 @@ same to the model in every task. The decisions, in one place:
   Per-image min/max stretching was rejected because it makes brightness depend on content.
 - Other sample types (float or 32-bit TIFF, ...) raise :class:`ImageError`: there is no
   scaling rule that is right for all of them.
+
+:func:`write_image` is the way back: an (H, W, 3) RGB array encoded by the file's suffix and
+written atomically (:mod:`mirseg.fileio`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import cv2
 import numpy as np
 
 from mirseg.errors import MirsegError
+from mirseg.fileio import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes treated as images when a folder is scanned (compared lower-case)."""
@@ -68,3 +72,15 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             f"unsupported sample type {image.dtype} in image file {path}: convert it to 8- or 16-bit integer samples"
         )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: str | os.PathLike[str], rgb: np.ndarray, params: tuple[int, ...] = ()) -> None:
+    """Encode (H, W, 3) uint8 RGB (or (H, W) gray) as ``path``'s format and write it atomically.
+
+    ``params``: OpenCV ``imwrite`` flags, e.g. ``(cv2.IMWRITE_JPEG_QUALITY, 80)``.
+    """
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    ok, buf = cv2.imencode(Path(path).suffix, bgr, list(params))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode {path} (shape {rgb.shape}, dtype {rgb.dtype})")
+    write_atomic(path, buf.tobytes())
