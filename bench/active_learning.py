@@ -35,7 +35,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mirseg.config import MineConfig, TrainConfig, build_config  # noqa: E402
+from mirseg.data.images import write_image  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
+from mirseg.fileio import AtomicFile, write_atomic  # noqa: E402
 from mirseg.infer import load_predictor  # noqa: E402
 from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
@@ -79,7 +81,7 @@ def fit(data: Dataset, labelled: list[str], work: Path, iters: int, seed: int) -
     """Train from scratch on ``labelled``; (best checkpoint, its validation mIoU)."""
     work.mkdir(parents=True, exist_ok=True)
     listing = work / "labelled.txt"
-    listing.write_text("\n".join(labelled) + "\n")
+    write_atomic(listing, "\n".join(labelled) + "\n")
     cfg = build_config(TrainConfig, dict(
         config_file="fastscnn", train_images=str(listing), train_labels=str(data.labels),
         val_images=str(data.val_images), val_labels=str(data.val_labels), class_names=data.class_names,
@@ -95,7 +97,7 @@ def pick(data: Dataset, algorithm: str, ckpt: Path, labelled: list[str], batch: 
     taken = set(labelled)
     rest = [p for p in data.pool if p not in taken]
     listing = work / f"unlabelled_{algorithm}.txt"
-    listing.write_text("\n".join(rest) + "\n")
+    write_atomic(listing, "\n".join(rest) + "\n")
     cfg = build_config(MineConfig, dict(checkpoint=str(ckpt), images=str(listing), out_dir=str(work / algorithm),
                                         mining_algorithm=algorithm, max_kept_mining_image=batch, workers_per_gpu=0,
                                         seed=seed, **data.mine_overrides))
@@ -188,8 +190,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
             cv2.line(img, (x, ly), (min(x + (5 if name == "random" else 25), w - right + 40), ly), colour, 2,
                      cv2.LINE_AA)
         cv2.putText(img, name, (w - right + 48, ly + 4), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    write_image(path, img[..., ::-1], (cv2.IMWRITE_PNG_COMPRESSION, 9))  # drawn in OpenCV's BGR
 
 
 def main() -> None:
@@ -223,8 +224,8 @@ def main() -> None:
         data = camvid(Path(args.data)) if args.camvid else generated(tmp / "data", args.pool, seeds[0])
         rows = simulate(data, algorithms, seeds, args.rounds, args.initial, args.batch, args.iters, tmp / "work")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with AtomicFile(out / "results.csv") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     curves = mean_curves(rows)

@@ -38,6 +38,7 @@ from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.export import export, onnx_predictor  # noqa: E402
+from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.infer import autocast_dtype, load_predictor, run_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
 
@@ -156,7 +157,7 @@ def main() -> None:
         warm = tmp / "warm"
         warm.mkdir()
         first = sorted(data.images.iterdir())[0]
-        (warm / first.name).write_bytes(first.read_bytes())
+        write_atomic(warm / first.name, first.read_bytes())
         for arch in models:
             ckpt = tmp / f"{arch}.pth"
             make_checkpoint(arch, ckpt, (h, w))

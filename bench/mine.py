@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
 from mirseg.config import MineConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
+from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.infer import iter_predictions, load_predictor  # noqa: E402
 from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
@@ -86,7 +87,7 @@ def speed(args: argparse.Namespace, tmp: Path) -> None:
     data = make_dataset(tmp / "speed", args.images, size=(h, w), num_classes=3, seed=0)
     paths = sorted(str(p) for p in data.images.iterdir())
     warm = tmp / "warm.txt"
-    warm.write_text("\n".join(paths[:2]) + "\n")
+    write_atomic(warm, "\n".join(paths[:2]) + "\n")
     ckpt = tmp / "fastscnn.pth"
     make_checkpoint(ckpt, args.classes, (h, w))
     predictor = load_predictor(ckpt, device="cpu")
@@ -124,7 +125,7 @@ def memory(args: argparse.Namespace, tmp: Path) -> None:
     peaks = []
     for n in counts:
         lst = tmp / f"pool_{n}.txt"
-        lst.write_text("\n".join(paths[:n]) + "\n")
+        write_atomic(lst, "\n".join(paths[:n]) + "\n")
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(lst), str(tmp / f"mem_{n}")],
                              check=True, capture_output=True, text=True).stdout

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
+from mirseg.data.images import write_image  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.demo import toy_fastscnn  # noqa: E402
 from mirseg.infer import run_inference  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> None:
         root = Path(tmp)
         picture = infer_overlay(root, toy_model(root))
     path = OUT / "infer_overlay.jpg"
-    cv2.imwrite(str(path), picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    write_image(path, picture[..., ::-1], (cv2.IMWRITE_JPEG_QUALITY, 80))  # picture is BGR
     print(f"wrote {path} ({picture.shape[1]}x{picture.shape[0]}, {path.stat().st_size // 1024} KB)")
 
 

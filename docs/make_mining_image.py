@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mirseg.config import MineConfig, TrainConfig, build_config  # noqa: E402
-from mirseg.data.images import read_image  # noqa: E402
+from mirseg.data.images import read_image, write_image  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.mine import mine  # noqa: E402
 from mirseg.mining.superpixels import superpixels  # noqa: E402
@@ -67,8 +67,7 @@ def main() -> None:
     picture = np.concatenate([image, gap, faint], axis=1)
     picture = cv2.resize(picture, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 70])
+    write_image(out, picture, (cv2.IMWRITE_JPEG_QUALITY, 70))
     print(f"{out}: {out.stat().st_size / 1024:.0f} KB, top image {Path(top).name} score {mined.ranking[0][1]:.3f}")
 
 

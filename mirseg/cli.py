@@ -117,8 +117,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mirseg.config import eval_config
     from mirseg.train import evaluate_checkpoint
 
-    # The checkpoint's own config (test scale, mode, background mode) is the default.
-    saved = read_checkpoint(args.checkpoint).get("config") or {}
+    # The checkpoint's own config (test scale, mode, background mode) is the default; whether to trust
+    # the file is this run's choice (the keys given here), never inherited from the file itself.
+    trust = eval_config({}, _yaml_file(args.config), args.overrides).trust_checkpoint
+    saved = dict(read_checkpoint(args.checkpoint, trust).get("config") or {})
+    saved.pop("trust_checkpoint", None)
     cfg = eval_config(saved, _yaml_file(args.config), args.overrides)
     metrics = evaluate_checkpoint(args.checkpoint, cfg)
     print(f"mIoU {metrics['mIoU']:.4f}  mAcc {metrics['mAcc']:.4f}  aAcc {metrics['aAcc']:.4f}")
@@ -159,7 +162,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mirseg.export import export
 
     path = export(args.checkpoint, args.format, args.output, height=args.height, width=args.width,
-                  opset=args.opset, check=not args.no_check)
+                  opset=args.opset, check=not args.no_check, trust_checkpoint=args.trust_checkpoint)
     print(f"exported {path}")
     return 0
 
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=1024, help="width of the example input used for tracing")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch on a random input")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the checkpoint with full unpickling (runs any code in it: only for files you trust)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train, infer and mine on generated street scenes (CPU, minutes)",

@@ -18,7 +18,7 @@ the one ``mirseg infer`` writes as ``predictions.json``:
 
 Memory stays flat in the number of images: images and annotations are streamed to temp files next
 to the output and assembled into the final file at :meth:`CocoResultWriter.close`, which writes it
-atomically (temp file, then rename).
+atomically (:class:`mirseg.fileio.AtomicFile`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from mirseg.fileio import temp_sibling
+from mirseg.fileio import AtomicFile
 
 
 def _rle(mask: np.ndarray) -> dict[str, Any]:
@@ -110,11 +110,10 @@ class CocoResultWriter:
         self.num_images = 0
         self.num_annotations = 0
         self._closed = False
-        # Two fragment files, one JSON object per line, in the output's folder (same file system).
-        self._images = tempfile.NamedTemporaryFile("w+", dir=self.path.parent, prefix=f".{self.path.name}.images.",
-                                                   delete=False, encoding="utf-8")
-        self._anns = tempfile.NamedTemporaryFile("w+", dir=self.path.parent, prefix=f".{self.path.name}.anns.",
-                                                 delete=False, encoding="utf-8")
+        # Two scratch files, one JSON object per line, on the output's disk. They are anonymous (no
+        # name in the folder), so they vanish with the process even when it is killed.
+        self._images = tempfile.TemporaryFile("w+", dir=self.path.parent, encoding="utf-8")
+        self._anns = tempfile.TemporaryFile("w+", dir=self.path.parent, encoding="utf-8")
 
     @property
     def categories(self) -> list[dict[str, Any]]:
@@ -152,23 +151,18 @@ class CocoResultWriter:
         return self._add_image(path, None, None) if self.list_failed else None
 
     def close(self) -> Path:
-        """Assemble the final JSON (temp file, then rename) and remove the fragments; returns its path."""
+        """Assemble the final JSON (written atomically) and drop the fragments; returns its path."""
         if self._closed:
             return self.path
         self._closed = True
-        tmp = temp_sibling(self.path)
         try:
-            with open(tmp, "x", encoding="utf-8") as out:
+            with AtomicFile(self.path) as out:
                 out.write('{"info":{"description":"mirseg semantic segmentation predictions"},\n"images":[')
                 self._copy_lines(self._images, out)
                 out.write('],\n"categories":' + json.dumps(self.categories, separators=(",", ":")))
                 out.write(',\n"annotations":[')
                 self._copy_lines(self._anns, out)
                 out.write("]}\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         finally:
             self._discard()
         return self.path
@@ -191,7 +185,6 @@ class CocoResultWriter:
     def _discard(self) -> None:
         for f in (self._images, self._anns):
             f.close()
-            Path(f.name).unlink(missing_ok=True)
 
     def __enter__(self) -> CocoResultWriter:
         return self

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from mirseg.errors import ConfigError, MissingFileError
+from mirseg.fileio import write_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Presets: one per architecture and crop, with the numbers of the mmseg config they mirror.
@@ -118,6 +119,7 @@ class TrainConfig:
     class_names: tuple[str, ...] = ()  # class order; empty: the COCO categories in file order
     ignore_blank_area: bool = False  # true: unannotated pixels are ignored; false: class "background"
     weights: str = ""  # initial weights: mirseg or mmseg checkpoint, or a state dict
+    trust_checkpoint: bool = False  # true: fully unpickle weights / resume files (runs their code: trusted files only)
     # -- data: COCO (ann + images) or label-PNG folders (images + labels)
     train_ann: str = ""  # COCO JSON of the training set
     train_images: str = ""  # image folder, or a text file listing image paths
@@ -207,6 +209,7 @@ class InferConfig:
     """Every option of ``mirseg infer``."""
 
     checkpoint: str = ""  # a mirseg checkpoint (best.pth / last.pth)
+    trust_checkpoint: bool = False  # true: fully unpickle the checkpoint (runs its code: trusted files only)
     images: str = ""  # image folder, glob pattern ("data/*.jpg"), or a text file listing image paths
     out_dir: str = "runs/infer"  # where the outputs go
     samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
@@ -238,6 +241,7 @@ class MineConfig:
     """Every option of ``mirseg mine`` (the original image's mining keys and defaults)."""
 
     checkpoint: str = ""  # a mirseg checkpoint (best.pth / last.pth)
+    trust_checkpoint: bool = False  # true: fully unpickle the checkpoint (runs its code: trusted files only)
     images: str = ""  # candidate pool: image folder, glob pattern, or a text file listing image paths
     out_dir: str = "runs/mine"  # result.tsv (and masks/ overlays/) go here
     mining_algorithm: str = "rsal"  # rsal, ripu, random, entropy, margin, least_confidence (any case)
@@ -298,7 +302,7 @@ COMMANDS: dict[type, str] = {TrainConfig: "mirseg train", InferConfig: "mirseg i
 
 EVAL_KEYS: tuple[str, ...] = (
     "val_ann", "val_images", "val_labels", "coco_class_by", "img_scale", "test_mode", "slide_crop", "slide_stride",
-    "device",
+    "device", "trust_checkpoint",
 )
 """The TrainConfig keys ``mirseg eval`` uses (read by ``train.evaluate_checkpoint``); any other key is an error.
 
@@ -571,12 +575,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the config as YAML (temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the config as YAML (atomically, see mirseg.fileio)."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 __all__ = ["EVAL_KEYS", "PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig",

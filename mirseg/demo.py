@@ -24,7 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mirseg.data.images import write_image
 from mirseg.errors import EXIT_FAILED, EXIT_OK, ConfigError
+from mirseg.fileio import write_atomic
 from mirseg.visualize import PALETTE
 
 log = logging.getLogger("mirseg")
@@ -109,7 +111,7 @@ def _prepare_folder(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     # First, before anything slow: an interrupted run still leaves a folder the next run may replace.
-    (out / MARKER).write_text("made by `mirseg demo`; the next `mirseg demo` with this --out replaces the folder\n")
+    write_atomic(out / MARKER, "made by `mirseg demo`; the next `mirseg demo` with this --out replaces the folder\n")
 
 
 def _reason(exc: BaseException) -> str:
@@ -320,16 +322,16 @@ def _contact_sheet(out: Path, val_set, rsal, keep: int, class_names: Sequence[st
         parts.append(row([image, regions, chosen]))
     parts.append(_legend(class_names, 3 * width))
     path = out / "contact_sheet.png"
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(parts, 0), cv2.COLOR_RGB2BGR))
+    write_image(path, np.concatenate(parts, 0))
     return path
 
 
 def _failed_summary(out: Path, step: str, reason: str) -> Path:
     """SUMMARY.md of a demo that stopped at ``step``."""
     path = out / "SUMMARY.md"
-    path.write_text(f"{SUMMARY_TITLE}\n\n**FAILED** at step {step}: {reason}\n\nThe outputs of the earlier steps are "
-                    "in this folder. Fix the cause and run `mirseg demo` again with the same `--out`: it replaces "
-                    "this folder.\n")
+    write_atomic(path, f"{SUMMARY_TITLE}\n\n**FAILED** at step {step}: {reason}\n\nThe outputs of the earlier steps "
+                 "are in this folder. Fix the cause and run `mirseg demo` again with the same `--out`: it replaces "
+                 "this folder.\n")
     return path
 
 
@@ -362,7 +364,7 @@ def _summary(out: Path, plan: Plan, result, infer, mined, origins, keep: int, ym
               "then the top RSAL picks (image, chosen superpixels, picks on the image), each group under its column "
               "titles; the class colours are in the legend at the bottom.", ""]
     path = out / "SUMMARY.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
 
 

@@ -48,7 +48,7 @@ from torch import nn
 from mirseg.config import check_output_dir
 from mirseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from mirseg.errors import ConfigError, DependencyError, FileFormatError, MissingFileError
-from mirseg.fileio import temp_sibling
+from mirseg.fileio import atomic_path, write_atomic
 from mirseg.infer import Predictor, load_predictor
 
 log = logging.getLogger("mirseg")
@@ -180,12 +180,14 @@ def _reference(model: nn.Module, shapes: list[tuple[int, int, int, int]]) -> lis
 
 
 def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.PathLike | None = None,
-           height: int = 512, width: int = 1024, opset: int = 17, check: bool = True, atol: float = 1e-4) -> Path:
+           height: int = 512, width: int = 1024, opset: int = 17, check: bool = True, atol: float = 1e-4,
+           trust_checkpoint: bool = False) -> Path:
     """Export a mirseg checkpoint as ``fmt`` ("onnx" or "torchscript"); returns the model file's path.
 
     ``output`` defaults to the checkpoint's path with ``.onnx`` / ``.torchscript.pt``; the metadata
     goes to ``<output>.json``. ``height`` x ``width`` is the example input of the trace (any size
     works afterwards). ``check``: compare with PyTorch on random inputs (see the module docstring).
+    ``trust_checkpoint``: load the checkpoint with full unpickling (see :func:`mirseg.checkpoint.read_checkpoint`).
     """
     fmt = str(fmt).lower()
     if fmt not in FORMATS:
@@ -197,7 +199,7 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
         raise ConfigError(f"--output {out} is a folder: give the file to write, e.g. {out / Path(checkpoint).stem}"
                           f"{SUFFIXES[fmt]}")
     check_output_dir("--output", out.parent)  # before the model is loaded and traced
-    predictor = load_predictor(checkpoint, device="cpu", channels_last=False)
+    predictor = load_predictor(checkpoint, device="cpu", channels_last=False, trust_checkpoint=trust_checkpoint)
     reference = predictor.model  # folded BN: what `mirseg infer` computes
     net = LogitsOnly(_copy_for_trace(reference)).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +207,8 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
     meta = metadata(predictor, fmt, (height, width), opset if fmt == "onnx" else None)
     meta_text = json.dumps(meta, indent=1)
 
-    tmp = temp_sibling(out)
-    try:
+    # The model file appears only once it is written and checked: a failed check leaves nothing behind.
+    with atomic_path(out) as tmp:
         with traceable_resize(), warnings.catch_warnings():
             # TracerWarnings name every Python int taken from a shape: expected, the check below is what counts.
             warnings.simplefilter("ignore")
@@ -226,13 +228,7 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
                 for x, ref in cases:
                     with torch.inference_mode():
                         compare("torchscript", loaded(x).numpy(), ref, atol)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    meta_tmp = temp_sibling(Path(f"{out}.json"))
-    meta_tmp.write_text(meta_text + "\n")
-    os.replace(meta_tmp, f"{out}.json")
+    write_atomic(f"{out}.json", meta_text + "\n")
     log.info("exported %s (%s, %d classes) to %s, metadata %s.json", checkpoint, predictor.arch,
              len(predictor.class_names), out, out)
     return out

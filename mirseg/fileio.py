@@ -1,34 +1,115 @@
-"""Atomic file writes: a temp file in the target's folder, then ``os.replace``.
+"""Atomic file writes, the one mechanism every output of mirseg goes through.
 
-Readers (the YMIR platform, a user's script) never see half a file, and a crash never destroys a
-result already written.
+Each output is written to a hidden temp file in the target's folder (same file system, so the
+final ``os.replace`` is atomic) and moved into place only once it is complete: readers (the YMIR
+platform, a user's script) never see half a file, and a crash never destroys a result already
+written. On any failure the temp file is removed and the target is left as it was.
+
+Temp files are created like any other file, so the result has the usual mode the umask gives
+(0644 under umask 022), never ``mkstemp``'s 0600: a platform process of another uid must be able to
+read a model or a result.
+
+* :func:`write_atomic`: bytes or text already in memory (YAML, TSV, encoded PNG/JPEG, monitor).
+* :class:`AtomicFile`: a file object to stream into (a large JSON, a TSV written row by row);
+  :meth:`~AtomicFile.commit` moves it into place, :meth:`~AtomicFile.abort` drops it. As a
+  context manager it commits when the block succeeds.
+* :func:`atomic_path`: a temp path for writers that insist on a file name (``torch.save``, ONNX
+  export, ``np.lib.format.open_memmap``, ``shutil.copyfile``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
-def temp_sibling(path: str | os.PathLike) -> Path:
-    """A fresh hidden temp name in ``path``'s folder (same file system, so ``os.replace`` is atomic).
-
-    Open it with mode ``"x"``: unlike ``mkstemp`` (always 0600) the file gets the usual umask permissions.
-    """
-    path = Path(path)
+def _temp_sibling(path: Path) -> Path:
+    """A fresh hidden name in ``path``'s folder; nothing is created."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (text is UTF-8 encoded) to ``path`` through a temp file; parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+def _publish(tmp: Path, path: Path) -> None:
+    """Move the complete temp file onto ``path`` (atomic within one file system); on failure drop the temp file."""
     try:
-        with open(tmp, "xb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; when the block ends without error that file replaces ``path``.
+
+    The caller creates the file at the yielded path (it does not exist yet); parent folders are
+    created. If the block raises, the temp file is removed and ``path`` is untouched (a block that
+    creates no file raises FileNotFoundError).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _publish(tmp, path)
+
+
+class AtomicFile:
+    """A new file that replaces ``path`` on :meth:`commit`; until then ``path`` is untouched.
+
+    ``mode`` is ``"w"`` (text, ``encoding``) or ``"wb"``. Parent folders are created. ``write``
+    goes to the temp file; :meth:`abort` (or an exception inside ``with``) removes it.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> None:
+        if mode not in ("w", "wb"):
+            raise ValueError(f"AtomicFile writes a new file: mode must be 'w' or 'wb', got {mode!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _temp_sibling(self.path)
+        # "x": the name is fresh, so a file already there would be someone else's; never reuse it.
+        self.file: IO[Any] = open(self._tmp, mode.replace("w", "x"), encoding=None if "b" in mode else encoding)
+        self._done = False
+
+    def write(self, data: Any) -> int:
+        return self.file.write(data)
+
+    def commit(self) -> Path:
+        """Close the temp file and move it onto ``path``; returns ``path``."""
+        if self._done:
+            raise ValueError(f"{self.path}: already committed or aborted")
+        self._done = True
+        try:
+            self.file.close()
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        _publish(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop what was written; ``path`` keeps its old content (or stays absent). Safe to call twice."""
+        self._done = True
+        self.file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` through a temp file; parent folders are created."""
+    with AtomicFile(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirseg.data.images import opencv_threads
-from mirseg.fileio import temp_sibling, write_atomic
+from mirseg.fileio import AtomicFile, atomic_path, write_atomic
 
 if TYPE_CHECKING:
     from mirseg.config import InferConfig
@@ -190,21 +190,23 @@ def load_predictor(
     slide_stride: tuple[int, int] | None = None,
     *,
     channels_last: bool = True,
+    trust_checkpoint: bool = False,
 ) -> Predictor:
     """The network of a mirseg checkpoint, ready to predict.
 
     ``None`` for ``img_scale`` (w, h), ``test_mode``, ``slide_crop`` (h, w), ``slide_stride`` (h, w)
     means the checkpoint's saved config (the preset's test scale and mode, e.g. keep-ratio into
     2048x1024, whole image; slide with 769x769 windows for the ``_769`` presets).
+    ``trust_checkpoint``: load with full unpickling (see :func:`mirseg.checkpoint.read_checkpoint`).
     """
-    from mirseg.checkpoint import CHECKPOINT_FORMAT, extract_state_dict, read_checkpoint
+    from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, read_checkpoint
     from mirseg.config import resolve_preset
     from mirseg.dist import pick_device
     from mirseg.models import build_model
 
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, trust_checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT or "arch" not in ckpt or not ckpt.get("class_names"):
-        raise ValueError(f"{checkpoint} is not a mirseg checkpoint (it has no architecture and class names); "
+        raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no architecture and class names); "
                          "use a best.pth / last.pth written by `mirseg train`")
     arch = str(ckpt["arch"])
     class_names = [str(n) for n in ckpt["class_names"]]
@@ -223,8 +225,8 @@ def load_predictor(
     try:
         model.load_state_dict(extract_state_dict(ckpt, str(checkpoint)))
     except RuntimeError as exc:
-        raise ValueError(f"{checkpoint}: the weights do not fit {arch} with {len(class_names)} classes: "
-                         f"{exc}") from None
+        raise CheckpointError(f"{checkpoint}: the weights do not fit {arch} with {len(class_names)} classes: "
+                              f"{_one_line(str(exc))}") from None
     model = prepare_for_inference(model.to(dev), channels_last=channels_last)
     return Predictor(model=model, arch=arch, class_names=class_names,
                      ignore_blank_area=bool(ckpt.get("ignore_blank_area", False)), img_scale=img_scale,
@@ -541,18 +543,12 @@ def _jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
 
 
 def _write_proba(path: Path, proba: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize ``proba`` to ``size`` into a float16 ``.npy`` (memory-mapped, temp file then rename); label, conf."""
-
-    tmp = temp_sibling(path)
-    try:
+    """Resize ``proba`` to ``size`` into a float16 ``.npy`` (memory-mapped, written atomically); label, conf."""
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(proba.shape[0], *size))
         label, conf = label_map(proba, size, proba_out=out)
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return label, conf
 
 
@@ -595,7 +591,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
         predictor = onnx_predictor(cfg.checkpoint, cfg.img_scale, cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
     elif predictor is None:
         predictor = load_predictor(cfg.checkpoint, cfg.device, cfg.img_scale, cfg.test_mode, cfg.slide_crop,
-                                   cfg.slide_stride)
+                                   cfg.slide_stride, trust_checkpoint=cfg.trust_checkpoint)
     paths = list_images(cfg.images)
     names = output_names(paths)
     out_dir = Path(cfg.out_dir)
@@ -612,8 +608,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
 
     coco = (CocoResultWriter(out_dir / "predictions.json", predictor.class_names, predictor.background_index,
                              list_failed=False) if cfg.save_coco else None)
-    rows_tmp = temp_sibling(out_dir / "images.tsv")
-    rows = open(rows_tmp, "x", encoding="utf-8")  # closed and renamed into place below
+    rows = AtomicFile(out_dir / "images.tsv")  # committed into place below
     failed: list[tuple[str, str]] = []
     try:
         rows.write("image_id\tname\tpath\tstatus\n")
@@ -644,12 +639,10 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                 rows.write(f"{image_id or ''}\t{name}\t{pred.path}\tok\n")
             if progress is not None:
                 progress(done / len(paths))
-        rows.close()
-        os.replace(rows_tmp, out_dir / "images.tsv")
+        rows.commit()
         coco_json = coco.close() if coco else None
     except BaseException:
-        rows.close()
-        rows_tmp.unlink(missing_ok=True)
+        rows.abort()
         if coco:
             coco.abort()
         raise

@@ -149,7 +149,8 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     amp = False
     if miner.uses_model:
         if predictor is None:
-            predictor = load_predictor(cfg.checkpoint, cfg.device, img_scale=cfg.img_scale)
+            predictor = load_predictor(cfg.checkpoint, cfg.device, img_scale=cfg.img_scale,
+                                       trust_checkpoint=cfg.trust_checkpoint)
         num_classes = predictor.num_classes
         amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
         log.info("mining %d images with %s on %s at img_scale %s%s", len(paths), miner.name, predictor.device,

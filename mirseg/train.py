@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     # -- model, optimiser, schedule
     model = build_model(cfg.model, num_classes)
     if cfg.weights and not cfg.resume:
-        load_weights(model, cfg.weights)
+        load_weights(model, cfg.weights, cfg.trust_checkpoint)
     if rt.distributed and rt.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BN statistic across GPUs
     model.to(rt.device)
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     start_iter, best = 0, {"mIoU": -1.0, "iteration": 0, "metrics": {}}
     last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
     if cfg.resume:
-        ckpt = read_checkpoint(last_path)
+        ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
         if ckpt.get("class_names") != class_names:
             raise ValueError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
         model.load_state_dict(ckpt["model"])
@@ -390,7 +390,7 @@ def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: Trai
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table."""
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, cfg.trust_checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a mirseg checkpoint (it has no class names); train with mirseg first")
     cfg = cfg.resolved()

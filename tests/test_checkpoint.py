@@ -1,14 +1,35 @@
-"""load_weights accepts mmseg, mirseg and bare checkpoints, and adapts the class count."""
+"""load_weights takes mmseg, mirseg and bare checkpoints and adapts the class count; loading is safe unless trusted."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_weights
+from mirseg.checkpoint import (
+    CHECKPOINT_FORMAT,
+    SAFE_GLOBALS,
+    CheckpointError,
+    atomic_save,
+    load_weights,
+    read_checkpoint,
+)
+from mirseg.cli import main
+from mirseg.errors import EXIT_ERROR, MirsegError, MissingFileError
 from mirseg.models import build_model
+from mirseg.ymir.executor import main as ymir_main
+from mirseg.ymir.protocol import CODE_MODEL
+from mirseg.ymir.workspace import inference_workspace
 
 
 def _model(num_classes, seed):
@@ -86,3 +107,185 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         atomic_save({"x": Unpicklable()}, target)
     assert torch.load(target)["x"].sum() == 2  # the old file survives
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe loading (issue 10): tensors, plain data and mmcv's numpy meta load; anything else needs trust.
+
+
+class MkdirOnLoad:
+    """Unpickling this runs ``os.mkdir(path)``: a harmless stand-in for the ``os.system`` payload of issue 10."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _mmcv_meta():
+    """What mmcv 1.x's ``save_checkpoint`` puts in ``meta``, numpy objects included."""
+    return {"mmcv_version": "1.4.0", "time": time.asctime(), "env_info": "sys.platform: linux\nPython: 3.8.10",
+            "config": "model = dict(type='EncoderDecoder')", "seed": np.int64(42), "exp_name": "fastscnn.py",
+            "CLASSES": ("road", "car", "person", "tree"),
+            "PALETTE": np.random.default_rng(0).integers(0, 255, size=(4, 3)),  # mmseg's random palette
+            "hook_msgs": {"best_score": np.float64(0.6125), "best_ckpt": "best_mIoU_iter_160000.pth",
+                          "last_ckpt": "iter_160000.pth"},
+            "flags": np.array([True, False]), "half": np.zeros((2, 2), np.float16), "names": np.array(["a", "bb"]),
+            "epoch": 1, "iter": 160000}
+
+
+def test_mmcv_checkpoint_with_numpy_meta_loads_without_trust(tmp_path):
+    src = _model(4, 0)
+    path = tmp_path / "mmcv.pth"
+    meta = _mmcv_meta()
+    torch.save({"meta": meta, "state_dict": src.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
+    with pytest.raises(pickle.UnpicklingError):  # torch's own allow-list refuses numpy: ours is what makes it load
+        torch.load(path, weights_only=True)
+    ckpt = read_checkpoint(path)
+    assert np.array_equal(ckpt["meta"]["PALETTE"], meta["PALETTE"]) and ckpt["meta"]["PALETTE"].dtype == np.int64
+    assert ckpt["meta"]["hook_msgs"]["best_score"] == np.float64(0.6125)
+    assert ckpt["meta"]["seed"] == 42 and ckpt["meta"]["names"].tolist() == ["a", "bb"]
+    dst = _model(4, 1)
+    load_weights(dst, path)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())
+    assert torch.serialization.get_safe_globals() == [g for g in torch.serialization.get_safe_globals()
+                                                      if g not in SAFE_GLOBALS]  # nothing left registered
+
+
+def test_numpy_1_legacy_format_checkpoint_loads_without_trust(tmp_path):
+    """Checkpoints from torch < 1.6 / numpy 1.x: the legacy (non-zip) format, numpy.core.multiarray names."""
+    path = tmp_path / "old.pth"
+    torch.save({"meta": _mmcv_meta(), "state_dict": _model(4, 0).state_dict()}, path,
+               _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert data.count(b"numpy._core.multiarray") >= 2
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    ckpt = read_checkpoint(path)
+    assert ckpt["meta"]["hook_msgs"]["best_score"] == np.float64(0.6125)
+    assert ckpt["meta"]["PALETTE"].shape == (4, 3)
+
+
+def test_other_python_objects_need_trust(tmp_path):
+    path = tmp_path / "args.pth"
+    # Old research checkpoints often keep their argparse arguments; object arrays may hold anything.
+    torch.save({"state_dict": _model(3, 0).state_dict(), "args": argparse.Namespace(lr=0.01)}, path)
+    with pytest.raises(CheckpointError, match=r"args\.pth .*argparse\.Namespace.*trust_checkpoint=true") as info:
+        read_checkpoint(path)
+    assert "\n" not in str(info.value) and isinstance(info.value, MirsegError) and isinstance(info.value, ValueError)
+    assert read_checkpoint(path, trust=True)["args"].lr == 0.01
+    load_weights(_model(3, 1), path, trust=True)
+    objects = tmp_path / "objects.pth"
+    torch.save({"state_dict": {}, "meta": {"x": np.array([{"a": 1}], dtype=object)}}, objects)
+    with pytest.raises(CheckpointError, match="objects.pth .*trust_checkpoint=true"):
+        read_checkpoint(objects)
+
+
+def test_crafted_checkpoint_never_runs_its_payload(tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": _model(3, 0).state_dict(), "meta": MkdirOnLoad(marker)}, evil)
+    with pytest.raises(CheckpointError, match=r"evil\.pth .*posix\.mkdir.*it was not loaded.*trust_checkpoint=true"):
+        read_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+        load_weights(_model(3, 1), evil)
+    assert not marker.exists()
+    read_checkpoint(evil, trust=True)  # full unpickling, as asked: the payload is live, so the checks above count
+    assert marker.is_dir()
+
+
+def test_missing_and_foreign_files_are_mirseg_errors(tmp_path):
+    with pytest.raises(MissingFileError, match="nope.pth does not exist"):
+        read_checkpoint(tmp_path / "nope.pth")
+    for trust in (False, True):
+        junk = tmp_path / "junk.pth"
+        junk.write_bytes(b"\x80\x02not a checkpoint")
+        with pytest.raises(CheckpointError, match="junk.pth is not a PyTorch checkpoint") as info:
+            read_checkpoint(junk, trust=trust)
+        assert "\n" not in str(info.value)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        read_checkpoint(tmp_path / "list.pth")
+
+
+# The commands, with a real trained model (tests/conftest.py::trained_fastscnn).
+
+
+@pytest.fixture
+def planted(trained_fastscnn, tmp_path):
+    """(crafted model.pth, trusted-but-pickled model.pth, marker path, image folder) from the trained toy model."""
+    ckpt = torch.load(trained_fastscnn[0], weights_only=True)
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil, trusted = tmp_path / "model.pth", tmp_path / "trusted.pth"
+    torch.save({**ckpt, "meta": MkdirOnLoad(marker)}, evil)
+    torch.save({**ckpt, "args": argparse.Namespace(note="saved by an old script")}, trusted)
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(trained_fastscnn[2].images.iterdir())[:2]:
+        shutil.copyfile(p, images / p.name)
+    return evil, trusted, marker, images
+
+
+def _one_line_with(text: str, *words: str) -> str:
+    lines = [ln for ln in text.splitlines() if all(w in ln for w in words)]
+    assert lines, f"no line with {words} in:\n{text}"
+    return lines[0]
+
+
+def test_cli_infer_refuses_a_crafted_model(planted, tmp_path):
+    """Issue 10: `mirseg infer model.pth images/` ran the pickle's payload, then reported an error."""
+    evil, _, marker, images = planted
+    proc = subprocess.run([sys.executable, "-m", "mirseg", "infer", str(evil), str(images),
+                           f"out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_ERROR, proc.stdout + proc.stderr
+    assert not marker.exists(), "the payload ran"
+    _one_line_with(proc.stdout + proc.stderr, str(evil), "trust_checkpoint=true")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "labels").exists()
+
+
+def test_every_command_refuses_it_and_trust_loads_a_pickled_model(planted, trained_fastscnn, tmp_path, capsys,
+                                                                    caplog, one_torch_thread):
+    evil, trusted, marker, images = planted
+    _, tr, va = trained_fastscnn
+    data = [f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}", f"val_images={va.images}",
+            "workers_per_gpu=0", "max_iters=1", "interval=1", "crop_size=[64,64]", "img_scale=[128,96]"]
+    runs = {
+        "train": ["train", f"weights={evil}", f"work_dir={tmp_path / 'train'}", *data],
+        "eval": ["eval", str(evil), *data],
+        "mine": ["mine", str(evil), str(images), f"out_dir={tmp_path / 'mine'}", "workers_per_gpu=0"],
+        "export": ["export", str(evil), "--format", "torchscript", "--no-check", "--height", "32", "--width", "32"],
+    }
+    for name, argv in runs.items():
+        caplog.clear()
+        assert main(argv) == EXIT_ERROR, name
+        assert not marker.exists(), f"the payload ran in mirseg {name}"
+        _one_line_with(caplog.text + capsys.readouterr().err, evil.name, "trust_checkpoint=true")
+    assert not (tmp_path / "train" / "last.pth").exists()
+    # A legitimately pickled checkpoint: refused by default, loaded when the user trusts it.
+    out = tmp_path / "infer"
+    assert main(["infer", str(trusted), str(images), f"out_dir={out}", "workers_per_gpu=0"]) == EXIT_ERROR
+    assert main(["infer", str(trusted), str(images), f"out_dir={out}", "workers_per_gpu=0",
+                 "trust_checkpoint=true"]) == 0
+    assert len(list((out / "labels").iterdir())) == 2
+    assert main(["export", str(trusted), "--format", "torchscript", "--no-check", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path / "m.pt"), "--trust-checkpoint"]) == 0
+    assert (tmp_path / "m.pt").is_file()
+    assert main(["eval", str(trusted), *data, "trust_checkpoint=true"]) == 0
+
+
+def test_ymir_task_refuses_a_crafted_model_unless_trusted(planted, tmp_path):
+    evil, trusted, marker, images = planted
+    candidates = sorted(images.iterdir())
+    env = inference_workspace(tmp_path / "evil", [evil], candidates, ["disc", "box"], mining=False,
+                              config={"workers_per_gpu": 0})
+    assert ymir_main(["--env", str(env)]) == 1
+    assert not marker.exists(), "the payload ran in the YMIR executor"
+    monitor = (tmp_path / "evil" / "out" / "monitor.txt").read_text()
+    assert monitor.splitlines()[0].split("\t")[3:] == ["4", str(CODE_MODEL)]
+    assert "trust_checkpoint=true" in monitor and "model.pth" in monitor
+    env = inference_workspace(tmp_path / "trusted", [trusted], candidates, ["disc", "box"], mining=False,
+                              config={"workers_per_gpu": 0, "trust_checkpoint": "true"})
+    assert ymir_main(["--env", str(env)]) == 0
+    result = json.loads((tmp_path / "trusted" / "out" / "infer-result.json").read_text())
+    assert len(result["images"]) == 2

@@ -16,7 +16,7 @@ from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
 from mirseg.data.check import FIX, check_data, crop_padding_warning
 from mirseg.data.coco import load_coco
-from mirseg.data.dataset import DatasetError, SegDataset
+from mirseg.data.dataset import DatasetError
 from mirseg.data.images import ImageError, read_image, read_image_size
 from mirseg.data.labelfolder import load_label_folder
 from mirseg.data.synthetic import make_dataset

@@ -23,6 +23,8 @@ same to the model in every task. The decisions, in one place:
 :func:`read_image_size` gives the size :func:`read_image` would return without decoding the pixels
 (the data check reads every image this way before training), and :func:`opencv_threads` is the one
 place that sets OpenCV's thread count around a DataLoader fork.
+:func:`write_image` is the way back: an (H, W, 3) RGB array encoded by the file's suffix and
+written atomically (:mod:`mirseg.fileio`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mirseg.errors import MirsegError
+from mirseg.fileio import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes treated as images when a folder is scanned (compared lower-case)."""
@@ -173,3 +176,13 @@ def opencv_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(before)
+def write_image(path: str | os.PathLike[str], rgb: np.ndarray, params: tuple[int, ...] = ()) -> None:
+    """Encode (H, W, 3) uint8 RGB (or (H, W) gray) as ``path``'s format and write it atomically.
+
+    ``params``: OpenCV ``imwrite`` flags, e.g. ``(cv2.IMWRITE_JPEG_QUALITY, 80)``.
+    """
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    ok, buf = cv2.imencode(Path(path).suffix, bgr, list(params))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode {path} (shape {rgb.shape}, dtype {rgb.dtype})")
+    write_atomic(path, buf.tobytes())

@@ -14,6 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mirseg.data.images import write_image
+from mirseg.fileio import write_atomic
+
 # Class name -> (shape, base RGB colour). The order is the class order of the written JSON.
 CLASSES: dict[str, tuple[str, tuple[int, int, int]]] = {
     "disc": ("circle", (200, 60, 50)),
@@ -114,12 +117,12 @@ def make_dataset(
             ann_id += 1
         image = np.clip(image + rng.normal(0, 6, size=image.shape), 0, 255).astype(np.uint8)
         name = f"{prefix}_{i:04d}.png"
-        cv2.imwrite(str(img_dir / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_image(img_dir / name, image)
         if lbl_dir:
-            cv2.imwrite(str(lbl_dir / name), label)
+            write_image(lbl_dir / name, label)
         coco["images"].append({"id": i + 1, "file_name": name, "height": h, "width": w})
     ann = out / "annotations.json"
-    ann.write_text(json.dumps(coco))
+    write_atomic(ann, json.dumps(coco))
     return SyntheticSet(img_dir, ann, lbl_dir, names)
 
 
@@ -245,9 +248,9 @@ def make_street_dataset(
     for i, domain in enumerate(order):
         image, label = _street_scene(rng, h, w, domain)
         name = f"{domain}_{prefix}_{i:04d}.png"
-        cv2.imwrite(str(img_dir / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_image(img_dir / name, image)
         if lbl_dir:
-            cv2.imwrite(str(lbl_dir / name), label)
+            write_image(lbl_dir / name, label)
         coco["images"].append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for k in range(len(STREET_CLASSES)):
             mask = np.asfortranarray((label == k + 1).astype(np.uint8))
@@ -260,5 +263,5 @@ def make_street_dataset(
                 "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
             })
     ann = out / "annotations.json"
-    ann.write_text(json.dumps(coco))
+    write_atomic(ann, json.dumps(coco))
     return SyntheticSet(img_dir, ann, lbl_dir, list(STREET_CLASSES))

@@ -22,7 +22,7 @@ from typing import Any
 
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, check_keys, parse_overrides, save_config
 from mirseg.errors import ConfigError
-from mirseg.fileio import temp_sibling
+from mirseg.fileio import atomic_path, write_atomic
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
@@ -246,7 +246,7 @@ def run_training(env: YmirEnv, monitor: Monitor) -> None:
 
         train(cfg, progress=lambda p: monitor.update(TASK, p))
     monitor.update(POSTPROCESS, 0.0, force=True)
-    write_stages(models, env.training_result_file)
+    write_stages(models, env.training_result_file, cfg.trust_checkpoint)
 
 
 def _train_distributed(cfg: TrainConfig, gpus: int, env: YmirEnv, monitor: Monitor) -> None:
@@ -263,7 +263,7 @@ def _train_distributed(cfg: TrainConfig, gpus: int, env: YmirEnv, monitor: Monit
             raise YmirError(f"distributed training failed (exit code {rc}); see the log above", CODE_MODEL)
 
 
-def write_stages(models: Path, result_file: Path) -> None:
+def write_stages(models: Path, result_file: Path, trust_checkpoint: bool = False) -> None:
     """result.yaml from the checkpoints training left: stages ``best`` (if any) and ``last``."""
     from mirseg.checkpoint import read_checkpoint
 
@@ -272,7 +272,7 @@ def write_stages(models: Path, result_file: Path) -> None:
         path = models / f"{name}.pth"
         if not path.is_file():
             continue
-        metrics = read_checkpoint(path).get("metrics") or {}
+        metrics = read_checkpoint(path, trust_checkpoint).get("metrics") or {}
         stages[name] = {"files": [path.name, "config.yaml"], "timestamp": int(path.stat().st_mtime),
                         **{k: metrics.get(k, 0.0) for k in ("mIoU", "mAcc", "aAcc")}}
     if "last" not in stages:
@@ -293,7 +293,7 @@ def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
     if not weights:
         raise YmirError(f"{env.config_file}: model_params_path names no .pth file that exists "
                         f"({params.get('model_params_path')!r}, models dir {env.models_dir})", CODE_MODEL)
-    ckpt = read_checkpoint(weights[0])
+    ckpt = read_checkpoint(weights[0], _trust_checkpoint(params, env.config_file))
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise YmirError(f"{weights[0]} is not a mirseg checkpoint (no class names or architecture): models trained "
                         "by the mmsegmentation image must be retrained with mirseg first", CODE_MODEL)
@@ -302,6 +302,15 @@ def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
     if names and list(names) != user:
         log.warning("config class_names %s differ from the model's classes %s; results use the model's", names, user)
     return weights[0]
+
+
+def _trust_checkpoint(params: dict[str, Any], source: Path) -> bool:
+    """The task's ``trust_checkpoint`` (default false: models come from other users' tasks), coerced like any key."""
+    try:
+        value = params.get("trust_checkpoint", False)
+        return build_config(InferConfig, {"trust_checkpoint": value}, str(source)).trust_checkpoint
+    except ValueError as exc:
+        raise YmirError(str(exc), CODE_CONFIG) from None
 
 
 def _job_values(cls: type, params: dict[str, Any], allowed_extra: set[str]) -> dict[str, Any]:
@@ -323,7 +332,7 @@ def run_mining_and_infer(env: YmirEnv, monitor: Monitor) -> None:
     monitor.update(PREPROCESS, 1.0, force=True)
     with tempfile.TemporaryDirectory(prefix="mirseg-ymir-") as tmp:
         list_file = Path(tmp) / "candidates.txt"
-        list_file.write_text("".join(c + "\n" for c in candidates), encoding="utf-8")
+        write_atomic(list_file, "".join(c + "\n" for c in candidates))
         both = env.run_mining and env.run_infer
         if env.run_mining:
             monitor.set_span(0.0, 0.5 if both else 1.0)
@@ -377,10 +386,8 @@ def _infer(env: YmirEnv, params: dict[str, Any], checkpoint: Path, candidates: l
     except ValueError as exc:
         raise YmirError(str(exc), CODE_CONFIG) from None
     result = run_inference(cfg, progress=lambda p: monitor.update(TASK, p))
-    # Copy beside the target, then rename: the platform never sees half a file.
-    tmp = temp_sibling(env.infer_result_file)
-    shutil.copyfile(result.coco_json, tmp)
-    tmp.replace(env.infer_result_file)
+    with atomic_path(env.infer_result_file) as tmp:  # the platform never sees half a file
+        shutil.copyfile(result.coco_json, tmp)
     if result.failed:
         log.warning("%d candidates could not be read and have no prediction: %s", len(result.failed),
                     "; ".join(f"{p}: {m}" for p, m in result.failed[:5]))

@@ -8,9 +8,12 @@ current), and the README's template-keys table. Keys and defaults are the origin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mirseg.fileio import write_atomic
 
 # (key, default, comment) per task, in form order.
 Template = list[tuple[str, Any, str]]
@@ -27,6 +30,8 @@ TRAINING: Template = [
     ("ignore_blank_area", False, "true: unannotated pixels are ignored; false: they are the class background"),
     ("cfg_options", "", "more mirseg keys as key=value separated by spaces, e.g. lr=0.005 crop_size=[512,512]"),
     ("args_options", "", "command-line flags: --seed N, --resume (continue the pretrained last.pth), --no-amp"),
+    ("trust_checkpoint", False, "true: load the model file with full unpickling, which runs any code in it: only for "
+     "models from sources you trust (false: an old model needing it is refused with an error)"),
     ("export_format", "seg-coco:raw", "dataset export format for the platform: do not change"),
     ("shm_size", "128G", "shared memory of the container, for the platform (about 32G per GPU)"),
 ]
@@ -35,6 +40,8 @@ INFER: Template = [
     ("samples_per_gpu", 2, "images per forward pass"),
     ("workers_per_gpu", 2, "image-decoding processes"),
     ("fp16", False, "mixed precision on GPU (faster, results may differ in a few pixels)"),
+    ("trust_checkpoint", False, "true: load the model file with full unpickling, which runs any code in it: only for "
+     "models from sources you trust (false: an old model needing it is refused with an error)"),
     ("shm_size", "128G", "shared memory of the container, for the platform"),
 ]
 
@@ -48,6 +55,8 @@ MINING: Template = [
     ("class_balance", True, "RSAL: favour regions of rarely predicted classes"),
     ("ripu_region_radius", 1, "RIPU: regions are (2r+1)x(2r+1) windows"),
     ("fp16", True, "mixed precision on GPU (ignored on CPU)"),
+    ("trust_checkpoint", False, "true: load the model file with full unpickling, which runs any code in it: only for "
+     "models from sources you trust (false: an old model needing it is refused with an error)"),
     ("samples_per_gpu", 2, "images per forward pass"),
     ("workers_per_gpu", 2, "image-decoding processes"),
     ("shm_size", "128G", "shared memory of the container, for the platform"),
@@ -73,10 +82,8 @@ def render(task: str) -> str:
 
 def write_all(folder: str) -> None:
     """Write ``<task>-template.yaml`` for every task into ``folder``."""
-    from pathlib import Path
-
     for task in TEMPLATES:
-        Path(folder, f"{task}-template.yaml").write_text(render(task))
+        write_atomic(Path(folder, f"{task}-template.yaml"), render(task))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from mirseg.fileio import write_atomic
+
 
 def _asset(src: Path, assets: Path) -> Path:
     digest = hashlib.sha1(src.read_bytes()).hexdigest()
@@ -50,7 +52,7 @@ def _env(root: Path, task_id: str, training: bool, mining: bool, infer: bool) ->
     for sub in ("models", "tensorboard"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     path = inp / "env.yaml"
-    path.write_text(yaml.safe_dump(env, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(env, sort_keys=False))
     return path
 
 
@@ -102,13 +104,13 @@ def training_workspace(root: str | Path, coco: dict[str, Any], image_dir: str | 
     out["categories"] = [{"id": k, "name": class_names[k], "supercategory": "object"} for k in used]
     ann = inp / "annotations" / "coco-annotations.json"
     ann.parent.mkdir(parents=True, exist_ok=True)
-    ann.write_text(json.dumps(out))
+    write_atomic(ann, json.dumps(out))
     for name, keep in (("train-index.tsv", lambda n: n not in val), ("val-index.tsv", lambda n: n in val)):
         lines = [f"{renamed[e['file_name']]}\t{ann}\n" for e in coco["images"] if keep(e["file_name"])]
-        (inp / name).write_text("".join(lines))
+        write_atomic(inp / name, "".join(lines))
     params = {"class_names": list(class_names), "gpu_count": 0, "gpu_id": "", "task_id": task_id,
               "object_type": 3, "export_format": "seg-coco:raw", "shm_size": "16G", **(config or {})}
-    (inp / "config.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_atomic(inp / "config.yaml", yaml.safe_dump(params, sort_keys=False))
     return _env(root, task_id, True, False, False)
 
 
@@ -126,9 +128,9 @@ def inference_workspace(root: str | Path, model_files: Sequence[str | Path], ima
         shutil.copyfile(f, stage_dir / Path(f).name)
         params_paths.append(str(stage_dir / Path(f).name))
     lines = [f"{_asset(Path(p), inp / 'assets')}\n" for p in images]
-    (inp / "candidate-index.tsv").write_text("".join(lines))
+    write_atomic(inp / "candidate-index.tsv", "".join(lines))
     params = {"class_names": list(class_names), "gpu_count": 0, "gpu_id": "", "task_id": task_id,
               "object_type": 3, "model_params_path": params_paths, "run_mining": mining, "run_infer": infer,
               **(config or {})}
-    (inp / "config.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_atomic(inp / "config.yaml", yaml.safe_dump(params, sort_keys=False))
     return _env(root, task_id, False, mining, infer)
