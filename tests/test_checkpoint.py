@@ -250,9 +250,10 @@ def test_every_command_refuses_it_and_trust_loads_a_pickled_model(planted, train
     _, tr, va = trained_fastscnn
     data = [f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}", f"val_images={va.images}",
             "workers_per_gpu=0", "max_iters=1", "interval=1", "crop_size=[64,64]", "img_scale=[128,96]"]
+    val = [f"val_ann={va.ann}", f"val_images={va.images}", "img_scale=[128,96]"]  # eval takes only its own keys
     runs = {
         "train": ["train", f"weights={evil}", f"work_dir={tmp_path / 'train'}", *data],
-        "eval": ["eval", str(evil), *data],
+        "eval": ["eval", str(evil), *val],
         "mine": ["mine", str(evil), str(images), f"out_dir={tmp_path / 'mine'}", "workers_per_gpu=0"],
         "export": ["export", str(evil), "--format", "torchscript", "--no-check", "--height", "32", "--width", "32"],
     }
@@ -271,7 +272,7 @@ def test_every_command_refuses_it_and_trust_loads_a_pickled_model(planted, train
     assert main(["export", str(trusted), "--format", "torchscript", "--no-check", "--height", "32", "--width", "32",
                  "--output", str(tmp_path / "m.pt"), "--trust-checkpoint"]) == 0
     assert (tmp_path / "m.pt").is_file()
-    assert main(["eval", str(trusted), *data, "trust_checkpoint=true"]) == 0
+    assert main(["eval", str(trusted), *val, "trust_checkpoint=true"]) == 0
 
 
 def test_ymir_task_refuses_a_crafted_model_unless_trusted(planted, tmp_path):
