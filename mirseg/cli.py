@@ -115,6 +115,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, quick=args.quick, seed=args.seed).exit_code  # non-zero when a step failed
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from mirseg import pretrained
+    from mirseg.download import DownloadError, fetch
+
+    folder = pretrained.weights_dir(args.dir or "")
+    if args.action == "list":
+        print(pretrained.listing(folder))
+        return 0
+    files = pretrained.select(args.names, args.all, args.url_base or "")
+    failed = 0
+    for wf in files:
+        url = pretrained.url_of(wf, args.url_base or "")
+        try:
+            got = fetch(url, folder / wf.name, wf.sha256_prefix)
+        except DownloadError as exc:
+            logging.getLogger("mirseg").error("%s", exc)
+            failed += 1
+            continue
+        state = f"downloaded from {url}" if got.downloaded else "already there, verified"
+        print(f"{got.path}: {state} (sha256 {got.sha256})")
+    if failed:
+        print(f"{failed} of {len(files)} files could not be fetched (see the errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_ymir(args: argparse.Namespace) -> int:
     from mirseg.ymir.executor import main as ymir_main
 
@@ -183,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch on a random input")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("weights", help="list or download the pretrained starts (model-zoo and ImageNet files)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The files pretrained=auto looks for. Examples:\n  mirseg weights list\n"
+                                   "  mirseg weights download hrnet_w18s resnet18_v1c-b5776b93.pth\n"
+                                   "  mirseg weights download --all --url-base http://mirror.local/weights")
+    wsub = p.add_subparsers(dest="action", required=True)
+    w = wsub.add_parser("list", help="every known file, for which presets, its size if present, where it goes")
+    w.add_argument("--dir", help="weights folder (default: $MIRSEG_WEIGHTS, else ~/.cache/mirseg/weights)")
+    w = wsub.add_parser("download", help="fetch files, verify the sha256 in their names, keep them in the folder")
+    w.add_argument("names", nargs="*", metavar="NAME",
+                   help="a file name (see list), a preset (its model-zoo file), zoo / imagenet / all (every such file)")
+    w.add_argument("--all", action="store_true", help="every known file")
+    w.add_argument("--dir", help="weights folder (default: $MIRSEG_WEIGHTS, else ~/.cache/mirseg/weights)")
+    w.add_argument("--url-base", help="fetch <URL>/<file name> instead of the publishers' URLs (a mirror, a local "
+                                      "server)")
+    p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("demo", help="train, infer and mine on generated street scenes (CPU, minutes)",
                        description="The whole job on generated data: training, inference with overlays, mining "
