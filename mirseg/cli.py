@@ -117,26 +117,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_weights(args: argparse.Namespace) -> int:
     from mirseg import pretrained
-    from mirseg.download import DownloadError, fetch
 
     folder = pretrained.weights_dir(args.dir or "")
     if args.action == "list":
         print(pretrained.listing(folder))
         return 0
-    files = pretrained.select(args.names, args.all, args.url_base or "")
-    failed = 0
-    for wf in files:
-        url = pretrained.url_of(wf, args.url_base or "")
-        try:
-            got = fetch(url, folder / wf.name, wf.sha256_prefix)
-        except DownloadError as exc:
-            logging.getLogger("mirseg").error("%s", exc)
-            failed += 1
-            continue
-        state = f"downloaded from {url}" if got.downloaded else "already there, verified"
-        print(f"{got.path}: {state} (sha256 {got.sha256})")
+    fetched, failed = pretrained.download(args.names, args.all, folder, args.url_base or "")
+    for got in fetched:
+        print(f"{got.path}: {'downloaded' if got.downloaded else 'already there, verified'} (sha256 {got.sha256})")
     if failed:
-        print(f"{failed} of {len(files)} files could not be fetched (see the errors above)", file=sys.stderr)
+        print(f"{len(failed)} of {len(fetched) + len(failed)} files could not be fetched: {', '.join(failed)} "
+              "(see the errors above)", file=sys.stderr)
     return 1 if failed else 0
 
 

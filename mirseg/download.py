@@ -10,6 +10,7 @@ unless the user asked for a download (``mirseg weights download``, the Dockerfil
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import urllib.error
@@ -102,8 +103,8 @@ def _stream(url: str, tmp: Path, progress: bool, label: str) -> str:
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"could not fetch {url}: HTTP {exc.code} {exc.reason}{hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, timed out, cut off
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
         raise DownloadError(f"could not fetch {url}: {reason}{hint}") from None
     if total is not None and received != total:
         raise DownloadError(f"could not fetch {url}: the connection closed after {received} of {total} bytes{hint}")

@@ -32,7 +32,7 @@ from torch import nn
 
 from mirseg.checkpoint import extract_state_dict, load_weights, read_checkpoint
 from mirseg.config import MMSEG_CONFIGS, PRESETS, TrainConfig
-from mirseg.download import hash_in_name, sha256_file
+from mirseg.download import DownloadError, Fetched, fetch, hash_in_name, sha256_file
 from mirseg.errors import ConfigError, MissingFileError
 
 log = logging.getLogger("mirseg")
@@ -453,3 +453,24 @@ def listing(folder: Path) -> str:
     lines = [f"weights folder: {folder} (weights_dir key / --dir, else ${ENV_VAR}, else ~/.cache/mirseg/weights)"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     return "\n".join(lines)
+
+
+def download(names: Sequence[str], everything: bool, folder: Path, url_base: str = "",
+             progress: bool = True) -> tuple[list[Fetched], list[str]]:
+    """``mirseg weights download``: fetch the files ``select`` names into ``folder``; (fetched, names that failed).
+
+    One failure (logged with its reason) does not stop the others; nothing is left of a failed file.
+    """
+    fetched, failed = [], []
+    for wf in select(names, everything, url_base):
+        url = url_of(wf, url_base)
+        try:
+            got = fetch(url, folder / wf.name, wf.sha256_prefix, progress)
+        except DownloadError as exc:
+            log.error("%s", exc)
+            failed.append(wf.name)
+            continue
+        if got.downloaded:
+            log.info("%s: downloaded from %s", got.path, url)
+        fetched.append(got)
+    return fetched, failed

@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import logging
 import re
+import socket
 import threading
 from pathlib import Path
 
@@ -252,6 +253,13 @@ def server(tmp_path):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
             gets.append(self.path)
+            if self.path.startswith("/cut-"):  # the connection drops after 10 of the 1000 bytes announced
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"0123456789")
+                self.close_connection = True
+                return
             super().do_GET()
 
         def log_message(self, *args):  # keep the test output clean
@@ -284,7 +292,7 @@ def test_download_streams_verifies_and_does_not_fetch_twice(server, tmp_path, ca
     assert cli_main(args) == 0
     out = capsys.readouterr()
     assert "100%" in out.err and source.name in out.err  # the progress bar
-    assert "downloaded from" in out.out and sha256_file(source) in out.out
+    assert f"{source.name}: downloaded (sha256 {sha256_file(source)})" in out.out
     assert (dest / source.name).read_bytes() == source.read_bytes()
     assert [p.name for p in dest.iterdir()] == [source.name]
     assert cli_main(args) == 0
@@ -305,6 +313,24 @@ def test_download_refuses_a_checksum_mismatch_and_leaves_nothing(server, tmp_pat
     assert "HTTP 404" in caplog.text  # the preset's model-zoo file is not on this server: its own error, and go on
     assert list(dest.iterdir()) == []  # no file, no temp file
     assert len(gets) == 2
+
+
+def test_download_cut_off_or_unreachable_is_an_error_and_leaves_nothing(server, tmp_path, caplog, monkeypatch):
+    url, _, _ = server
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    dest = tmp_path / "weights"
+    with caplog.at_level(logging.ERROR, logger="mirseg"):
+        assert cli_main(["weights", "download", "cut-0123abcd.pth", "--dir", str(dest), "--url-base", url]) == 1
+    assert "could not fetch" in caplog.text and "the connection closed after 10 of 1000 bytes" in caplog.text
+    assert "copy the file by hand to" in caplog.text
+    caplog.clear()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with caplog.at_level(logging.ERROR, logger="mirseg"):
+        assert cli_main(["weights", "download", "hrnet_w18s", "--dir", str(dest), "--url-base", closed]) == 1
+    assert "could not fetch" in caplog.text and "refused" in caplog.text.lower()
+    assert list(dest.iterdir()) == []
 
 
 def test_download_names_are_checked_before_fetching(tmp_path, caplog):
