@@ -17,6 +17,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
 
 from mirseg.errors import MirsegError
 from mirseg.fileio import temp_sibling
@@ -69,9 +72,11 @@ def fetch(url: str, dest: str | os.PathLike, sha256_prefix: str, progress: bool 
         if have.startswith(sha256_prefix):
             return Fetched(dest, have, downloaded=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file + rename (mode "x": the umask's permissions). On main, fileio.AtomicFile(dest, "wb") is this.
     tmp = temp_sibling(dest)
     try:
-        digest = _stream(url, tmp, progress, dest.name)
+        with open(tmp, "xb") as out:
+            digest = _stream(url, out, progress, dest)
         if not digest.startswith(sha256_prefix):
             raise DownloadError(f"{url}: the downloaded file's sha256 is {digest}, but its name says it starts with "
                                 f"{sha256_prefix}: refused, nothing was kept. The server sent another or a damaged "
@@ -83,19 +88,17 @@ def fetch(url: str, dest: str | os.PathLike, sha256_prefix: str, progress: bool 
     return Fetched(dest, digest, downloaded=True)
 
 
-def _stream(url: str, tmp: Path, progress: bool, label: str) -> str:
-    """Copy ``url`` into the new file ``tmp``; returns the sha256 of what was received."""
-    from tqdm import tqdm
-
+def _stream(url: str, out: BinaryIO, progress: bool, dest: Path) -> str:
+    """Copy ``url`` into the open file ``out`` (bound for ``dest``); returns the sha256 of what was received."""
     digest = hashlib.sha256()
     hint = ("; check the address and your network (a proxy: set https_proxy), use --url-base for a mirror, or "
-            f"copy the file by hand to {tmp.parent / label}")
+            f"copy the file by hand to {dest}")
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "xb") as out:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress,
-                      mininterval=1.0) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                      disable=not progress, mininterval=1.0) as bar:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
