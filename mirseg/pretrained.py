@@ -309,10 +309,24 @@ def _split_pin(spec: str) -> tuple[str, str]:
     return path, digest.strip().lower()
 
 
+_NONE = ("none", "null", "false", "no", "off", "")  # YAML null / false arrive as these strings
+
+
+def check_spec(spec: str) -> Path | None:
+    """The file a ``pretrained`` value names (None for auto / none); MissingFileError naming the key if absent."""
+    if spec.strip().lower() in (*_NONE, "auto"):
+        return None
+    path = Path(_split_pin(spec.strip())[0]).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"pretrained: {path} does not exist; give an existing model-zoo checkpoint or ImageNet "
+                               f"backbone file, auto (look in the weights folder) or none (random weights)")
+    return path
+
+
 def resolve_start(cfg: TrainConfig, verbose: bool = True) -> Start | None:
     """The file ``cfg.pretrained`` asks for; None for ``none``, or for ``auto`` when nothing is on disk (warned)."""
     spec = cfg.pretrained.strip()
-    if spec.lower() in ("none", "null", "false", "no", "off", ""):  # YAML null / false arrive as these strings
+    if spec.lower() in _NONE:
         return None
     if spec.lower() == "auto":
         folder = weights_dir(cfg.weights_dir)
@@ -325,11 +339,7 @@ def resolve_start(cfg: TrainConfig, verbose: bool = True) -> Start | None:
                         "an offline machine), or set pretrained=none to train from scratch without this warning",
                         cfg.config_file, folder, " or ".join(_wanted(cfg.config_file)), preset)
         return start
-    path = Path(_split_pin(spec)[0]).expanduser()
-    if not path.is_file():
-        raise MissingFileError(f"pretrained: {path} does not exist; give an existing model-zoo checkpoint or ImageNet "
-                               f"backbone file, auto (look in the weights folder) or none (random weights)")
-    return Start(path, "file")
+    return Start(check_spec(spec), "file")
 
 
 def load_start(model: nn.Module, start: Start, arch: str, verbose: bool = True) -> str:

@@ -29,7 +29,7 @@ from mirseg.errors import ConfigError, MissingFileError
 from mirseg.models import build_model
 from mirseg.ymir.executor import main as ymir_main
 from mirseg.ymir.executor import training_config
-from mirseg.ymir.protocol import read_env
+from mirseg.ymir.protocol import CODE_CONFIG, YmirError, read_env
 from mirseg.ymir.workspace import training_workspace, ymir_coco
 
 HEADS = {  # what each publisher's ImageNet file carries beside the backbone: (key, shape)
@@ -388,6 +388,10 @@ def test_ymir_default_folder_is_slash_weights_and_none_turns_it_off(tmp_path, mo
     cfg, _, _ = training_config(read_env(env), {**yaml.safe_load((env.parent / "config.yaml").read_text()),
                                                 "pretrained": "none"})
     assert cfg.pretrained == "none"
+    with pytest.raises(YmirError, match="pretrained: .*atuo does not exist") as info:  # a typo of auto
+        training_config(read_env(env), {**yaml.safe_load((env.parent / "config.yaml").read_text()),
+                                         "pretrained": "atuo"})
+    assert info.value.code == CODE_CONFIG
 
 
 def test_dockerfile_bakes_the_default_selection_into_slash_weights():
@@ -397,3 +401,12 @@ def test_dockerfile_bakes_the_default_selection_into_slash_weights():
         f for f in pretrained.KNOWN.values() if f.kind == "zoo"]
     assert f"ENV MIRSEG_WEIGHTS={pretrained.YMIR_WEIGHTS_DIR}" in text
     assert "--dir /weights" in text and "chmod -R a+rX /weights" in text  # readable by the platform's user
+
+
+def test_cli_train_with_a_missing_pretrained_file_exits_2(tmp_path, caplog):
+    data = make_dataset(tmp_path / "d", 2, num_classes=2, seed=1)
+    argv = ["train", f"train_ann={data.ann}", f"train_images={data.images}", "max_iters=1", "workers_per_gpu=0",
+            f"work_dir={tmp_path / 'run'}", f"pretrained={tmp_path / 'typo.pth'}"]
+    assert cli_main(argv) == 2
+    assert "pretrained:" in caplog.text and "typo.pth does not exist" in caplog.text
+    assert not (tmp_path / "run" / "last.pth").exists()
