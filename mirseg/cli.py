@@ -38,7 +38,9 @@ class _CommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args: list[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         # Python < 3.13 implements parse_known_intermixed_args by calling parse_known_args: plain parsing then.
-        if self._parsing:
+        # A parser with subcommands of its own (`mirseg weights list|download`) cannot parse intermixed;
+        # its subcommands' parsers do.
+        if self._parsing or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
             return super().parse_known_args(args, namespace)
         self._parsing = True
         try:
@@ -173,6 +175,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, quick=args.quick, seed=args.seed).exit_code  # non-zero when a step failed
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from mirseg import pretrained
+
+    folder = pretrained.weights_dir(args.dir or "")
+    if args.action == "list":
+        print(pretrained.listing(folder))
+        return 0
+    fetched, failed = pretrained.download(args.names, args.all, folder, args.url_base or "")
+    for got in fetched:
+        print(f"{got.path}: {'downloaded' if got.downloaded else 'already there, verified'} (sha256 {got.sha256})")
+    if failed:
+        print(f"{len(failed)} of {len(fetched) + len(failed)} files could not be fetched: {', '.join(failed)} "
+              "(see the errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_ymir(args: argparse.Namespace) -> int:
     from mirseg.ymir.executor import main as ymir_main
 
@@ -243,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load the checkpoint with full unpickling (runs any code in it: only for files you trust)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("weights", help="list or download the pretrained starts (model-zoo and ImageNet files)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The files pretrained=auto looks for. Examples:\n  mirseg weights list\n"
+                                   "  mirseg weights download hrnet_w18s resnet18_v1c-b5776b93.pth\n"
+                                   "  mirseg weights download --all --url-base http://mirror.local/weights")
+    wsub = p.add_subparsers(dest="action", required=True)
+    w = wsub.add_parser("list", help="every known file, for which presets, its size if present, where it goes")
+    w.add_argument("--dir", help="weights folder (default: $MIRSEG_WEIGHTS, else ~/.cache/mirseg/weights)")
+    w = wsub.add_parser("download", help="fetch files, verify the sha256 in their names, keep them in the folder")
+    w.add_argument("names", nargs="*", metavar="NAME",
+                   help="a file name (see list), a preset (its model-zoo file), zoo / imagenet / all (every such file)")
+    w.add_argument("--all", action="store_true", help="every known file")
+    w.add_argument("--dir", help="weights folder (default: $MIRSEG_WEIGHTS, else ~/.cache/mirseg/weights)")
+    w.add_argument("--url-base", help="fetch <URL>/<file name> instead of the publishers' URLs (a mirror, a local "
+                                      "server)")
+    p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("demo", help="train, infer and mine on generated street scenes (CPU, minutes)",
                        description="The whole job on generated data: training, inference with overlays, mining "

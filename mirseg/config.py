@@ -118,7 +118,9 @@ class TrainConfig:
     config_file: str = "fastscnn"  # preset name (see PRESETS) or the original image's mmseg config path
     class_names: tuple[str, ...] = ()  # class order; empty: the COCO categories in file order
     ignore_blank_area: bool = False  # true: unannotated pixels are ignored; false: class "background"
-    weights: str = ""  # initial weights: mirseg or mmseg checkpoint, or a state dict
+    weights: str = ""  # initial weights: mirseg or mmseg checkpoint, or a state dict (wins over pretrained)
+    pretrained: str = "auto"  # auto (model-zoo file, else ImageNet backbone, in weights_dir; else random), none, a file
+    weights_dir: str = ""  # where auto looks; default $MIRSEG_WEIGHTS, else ~/.cache/mirseg/weights
     trust_checkpoint: bool = False  # true: fully unpickle weights / resume files (runs their code: trusted files only)
     # -- data: COCO (ann + images) or label-PNG folders (images + labels)
     train_ann: str = ""  # COCO JSON of the training set

@@ -68,7 +68,7 @@ def toy_fastscnn(root: str | Path) -> tuple[Path, object, object, dict]:
     cfg = build_config(TrainConfig, dict(
         train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
         crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, scale_lr=False,
-        max_iters=300, interval=300, work_dir=str(root / "run")))
+        max_iters=300, interval=300, work_dir=str(root / "run"), pretrained="none"))
     result = train(cfg)
     return Path(result.best), tr, va, result.best_metrics
 
@@ -172,7 +172,8 @@ def _run_steps(out: Path, plan: Plan, seed: int, steps: list[str], t0: float) ->
         config_file="fastscnn", train_ann=str(train_set.ann), train_images=str(train_set.images),
         val_ann=str(val_set.ann), val_images=str(val_set.images), crop_size=[plan.crop, plan.crop],
         img_scale=[w, h], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, scale_lr=False, max_iters=plan.iters,
-        interval=max(plan.iters // 2, 1), work_dir=str(out / "train"), device="cpu", seed=seed))
+        interval=max(plan.iters // 2, 1), work_dir=str(out / "train"), device="cpu", seed=seed,
+        pretrained="none"))  # the same run on every machine, whatever weights it has downloaded
     result = train(cfg)
     checkpoint = result.best or result.last
 
@@ -230,6 +231,7 @@ def _run_ymir(root: Path, train_set, val_set, pool, plan: Plan, checkpoint: Path
     val_names = [p.name for p in sorted(val_set.images.iterdir())]
     env = training_workspace(root / "training", coco, images, val_names, train_set.class_names, {
         "max_iters": plan.ymir_iters, "interval": plan.ymir_iters, "samples_per_gpu": 4, "workers_per_gpu": 0,
+        "pretrained": "none",
         "cfg_options": f"crop_size=[{plan.crop},{plan.crop}] img_scale=[{plan.size[1]},{plan.size[0]}]"})
     status = {"training": _ymir_status(env, run(env))}
     candidates = sorted(pool.images.iterdir())

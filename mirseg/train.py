@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from mirseg import dist
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_weights, read_checkpoint
+from mirseg import dist, pretrained
+from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, read_checkpoint
 from mirseg.config import TrainConfig, save_config, to_dict
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.check import check_data, crop_padding_warning
@@ -215,8 +215,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
 
     # -- model, optimiser, schedule
     model = build_model(cfg.model, num_classes)
-    if cfg.weights and not cfg.resume:
-        load_weights(model, cfg.weights, cfg.trust_checkpoint)
+    cfg = pretrained.initialise(model, cfg, verbose=rt.is_main)  # weights=, else the pretrained start
     if rt.distributed and rt.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BN statistic across GPUs
     model.to(rt.device)

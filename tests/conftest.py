@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -11,6 +13,18 @@ import pytest
 
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
+_WEIGHTS = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point pretrained=auto at an empty weights folder: weights a developer or the image has downloaded must not
+    change what the tests train (subprocesses inherit it; YMIR tasks read it before /weights)."""
+    os.environ["MIRSEG_WEIGHTS"] = config.stash[_WEIGHTS] = tempfile.mkdtemp(prefix="mirseg-test-weights-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _WEIGHTS in config.stash:
+        shutil.rmtree(config.stash[_WEIGHTS], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -206,9 +206,15 @@ def training_config(env: YmirEnv, params: dict[str, Any]) -> tuple[TrainConfig, 
         tensorboard_dir=str(env.tensorboard_dir), device=device,
         weights=str(weights[0]) if weights and not args.resume else "", resume=bool(args.resume),
     )
+    # Without a pretrained model of the platform, pretrained=auto starts from the model-zoo files baked into
+    # /weights (the original image's rule); $MIRSEG_WEIGHTS or a weights_dir key of the task point elsewhere.
+    from mirseg.pretrained import YMIR_WEIGHTS_DIR, check_spec, weights_dir
+
+    values.setdefault("weights_dir", str(weights_dir("", default=YMIR_WEIGHTS_DIR)))
     try:
         cfg = build_config(TrainConfig, values, str(source))
-    except ValueError as exc:
+        check_spec(cfg.pretrained)  # a missing pretrained file is a config error, found before any work
+    except (ValueError, FileNotFoundError) as exc:
         raise YmirError(str(exc), CODE_CONFIG) from None
     if weights and not args.resume:
         log.info("initial weights: %s", weights[0])
