@@ -8,6 +8,7 @@ import os
 import sys
 
 from mirseg import __version__
+from mirseg.errors import Interrupted
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
+    except Interrupted as exc:  # SIGINT/SIGTERM after saving: one line, exit 130/143
+        logging.getLogger("mirseg").error("%s", exc)
+        return exc.exit_code
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logging.getLogger("mirseg").error("%s", exc)
         return 2
