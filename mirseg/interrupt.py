@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -148,16 +149,21 @@ def job_settings(cfg: Any, paths: list[str], checkpoint: str | os.PathLike | Non
 class Journal:
     """``path``: the first line is a header ``{"journal": kind, "settings": {...}}``, then one record per line.
 
-    Each :meth:`append` writes one line, flushes and fsyncs it, so a record on disk means the work
-    it describes was finished (its files written, atomically) before. A crash can leave at most a
-    torn last line: it is dropped when the journal is read back. :meth:`finish` removes the file
-    once the job's final outputs are in place, so a journal on disk always means "interrupted".
+    Each :meth:`append` writes one line after the work it describes is finished (its files written,
+    atomically) and flushes it, so it survives the process dying in any way (a signal, SIGKILL, the
+    OOM killer); it is fsync'd at most once a second and on close, which bounds what a machine crash
+    can lose to the last second of records (that work is simply done again). A torn last line is
+    dropped when the journal is read back. :meth:`finish` removes the file once the job's final
+    outputs are in place, so a journal on disk always means "unfinished".
     """
+
+    FSYNC_EVERY = 1.0  # seconds
 
     def __init__(self, path: Path, records: list[dict[str, Any]]) -> None:
         self.path = path
         self.records = records  # what an earlier run finished (resume), in order
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  closed by finish() / close()
+        self._synced = time.monotonic()
 
     @classmethod
     def open(cls, path: str | os.PathLike, kind: str, settings: dict[str, Any], resume: bool,
@@ -193,21 +199,26 @@ class Journal:
         return cls(path, records)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Add one record, durably (flush + fsync)."""
+        """Add one record (written and flushed; fsync'd once a second)."""
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if time.monotonic() - self._synced >= self.FSYNC_EVERY:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
         self.records.append(record)
 
     def close(self) -> None:
-        """Close the file and keep it (the job was interrupted)."""
-        self._file.close()
+        """Close the file (fsync'd) and keep it: the job was interrupted, resume=true continues it."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()  # kept unless finish() ran: an interrupted or failed job resumes from it
+        self.close()  # kept unless finish() ran: an interrupted or failed job resumes from it
 
     def finish(self) -> None:
         """Close and remove the journal: the job's outputs are complete."""

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -155,7 +156,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.R
 def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iteration: int,
                 metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
                 scheduler: Any = None, best: dict[str, Any] | None = None,
-                scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> dict[str, Any]:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": 1, "arch": cfg.model, "class_names": list(class_names),
@@ -168,6 +169,8 @@ def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iter
         ckpt["best"] = best or {}
         ckpt["rng"] = {"torch": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if rank_rng is not None:  # under torchrun: each process's own state (dropout differs per process)
+            ckpt["rng"]["ranks"] = rank_rng
         if scaler is not None and scaler.is_enabled():  # AMP loss scale: a resumed run must not re-learn it
             ckpt["scaler"] = scaler.state_dict()
     return ckpt
@@ -266,10 +269,15 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
         scheduler.load_state_dict(ckpt["scheduler"])
         start_iter, best = ckpt["iteration"], ckpt.get("best") or best
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt.get("scaler") and use_amp:
-            scaler.load_state_dict(ckpt["scaler"])
         if ckpt["rng"]["cuda"] and rt.device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        ranks = ckpt["rng"].get("ranks") or []
+        if rt.distributed and len(ranks) == rt.world_size:  # each process continues its own random stream
+            torch.set_rng_state(ranks[rt.rank]["torch"])
+            if ranks[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
+                torch.cuda.set_rng_state(ranks[rt.rank]["cuda"], rt.device)
+        if ckpt.get("scaler") and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
         log.info("resumed from %s at iteration %d", last_path, start_iter)
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
@@ -346,9 +354,10 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
             metrics = evaluate(model, val_set, cfg, rt, num_classes) if len(val_set) else {}
             model.train()
             last_metrics = metrics
+            rank_rng = _rank_rng_states(rt)
             if rt.is_main:
                 _after_eval(cfg, net, class_names, done, metrics, best, optimizer, scheduler, writer, val_set, rt,
-                            time.perf_counter() - t0, scaler)
+                            time.perf_counter() - t0, scaler, rank_rng)
             dist.barrier(rt)
             saved_at = done
 
@@ -372,7 +381,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
 def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: int, metrics: dict[str, Any],
                 best: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, writer: Any,
                 val_set: SegDataset, rt: dist.Runtime, elapsed: float,
-                scaler: torch.amp.GradScaler | None = None) -> None:
+                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> None:
     """Log the evaluation, write TensorBoard scalars and images, save best/last/iteration checkpoints."""
     work_dir = Path(cfg.work_dir)
     if metrics:
@@ -388,7 +397,7 @@ def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: 
     is_best = math.isfinite(score) and score > best["mIoU"]
     if is_best:
         best.update({"mIoU": score, "iteration": done, "metrics": metrics})
-    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best, scaler)
+    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best, scaler, rank_rng)
     atomic_save(ckpt, work_dir / "last.pth")
     if is_best:
         atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / "best.pth")
@@ -399,6 +408,20 @@ def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: 
             kept = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
             for old in kept[:-cfg.max_keep_ckpts]:
                 old.unlink()
+
+
+def _rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
+    """Every process's RNG state (CPU, and its own CUDA device's), for rank 0's last.pth; None in one process.
+
+    A collective: every process calls it at the same point.
+    """
+    if not rt.distributed:
+        return None
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
+    states: list[Any] = [None] * rt.world_size
+    torch_dist.all_gather_object(states, mine)
+    return states
 
 
 def _agreed_signal(stop: interrupt.StopRequest, rt: dist.Runtime) -> int | None:
@@ -420,9 +443,11 @@ def _stop_training(signum: int, done: int, saved_at: int, cfg: TrainConfig, rt: 
     """Save a resumable last.pth at iteration ``done`` (rank 0), close the logs, raise :class:`Interrupted`."""
     work_dir = Path(cfg.work_dir)
     last_path = work_dir / "last.pth"
+    rank_rng = _rank_rng_states(rt) if done > saved_at else None
     if rt.is_main and done > saved_at:
         # No metrics: they would belong to an earlier iteration than the weights.
-        atomic_save(_checkpoint(net, cfg, class_names, done, {}, optimizer, scheduler, best, scaler), last_path)
+        atomic_save(_checkpoint(net, cfg, class_names, done, {}, optimizer, scheduler, best, scaler, rank_rng),
+                    last_path)
     if bar is not None:
         bar.close()
     if writer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,35 @@ def test_train_subprocess_signal_then_cli_resume(tiny, reference, tmp_path, sig,
     assert command == ["mirseg", "train", str(tmp_path / "config.yaml"), "--resume"]
     assert main(command[1:]) == 0
     _same_run(read_checkpoint(tmp_path / "last.pth"), reference)
+
+
+@pytest.mark.slow  # three torchrun launches (~30 s)
+def test_torchrun_processes_stop_after_the_same_iteration_and_resume(tiny, tmp_path):
+    """SIGTERM to the launcher reaches the two workers at different moments; both stop after one iteration."""
+    def launch(work: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "mirseg", "train", *tiny, f"work_dir={work}", *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+
+    proc = launch(tmp_path / "cut")
+    seen = []
+
+    def ready() -> bool:
+        seen.append(proc.stderr.readline())
+        return f"iteration 10/{ITERS}: loss" in seen[-1]
+
+    _, err = _signal_when(proc, ready, signal.SIGTERM)
+    err = "".join(seen) + err
+    stops = re.findall(rf"ERROR interrupted by SIGTERM at iteration (\d+)/{ITERS}; saved .*torchrun command\)", err)
+    assert len(stops) == 2 and len(set(stops)) == 1, err[-3000:]  # one line per worker, the same iteration
+    assert read_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == int(stops[0])
+    resumed, full = launch(tmp_path / "cut", "--resume"), launch(tmp_path / "full")
+    for p in (resumed, full):
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+        p.communicate()
+    a, b = read_checkpoint(tmp_path / "cut" / "last.pth"), read_checkpoint(tmp_path / "full" / "last.pth")
+    assert a["iteration"] == b["iteration"] == ITERS
+    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
 
 def test_resume_with_no_last_pth_says_there_is_nothing_to_resume(tiny, tmp_path, caplog):
