@@ -34,14 +34,13 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
-from mirseg.fileio import write_atomic
+from mirseg.fileio import AppendLog, write_atomic
 
 log = logging.getLogger("mirseg")
 
@@ -149,21 +148,18 @@ def job_settings(cfg: Any, paths: list[str], checkpoint: str | os.PathLike | Non
 class Journal:
     """``path``: the first line is a header ``{"journal": kind, "settings": {...}}``, then one record per line.
 
-    Each :meth:`append` writes one line after the work it describes is finished (its files written,
-    atomically) and flushes it, so it survives the process dying in any way (a signal, SIGKILL, the
-    OOM killer); it is fsync'd at most once a second and on close, which bounds what a machine crash
-    can lose to the last second of records (that work is simply done again). A torn last line is
-    dropped when the journal is read back. :meth:`finish` removes the file once the job's final
-    outputs are in place, so a journal on disk always means "unfinished".
+    Each :meth:`append` is one line of a :class:`mirseg.fileio.AppendLog`, written after the work it
+    describes is finished (its files written, atomically): flushed at once, so it survives the
+    process dying in any way (a signal, SIGKILL, the OOM killer), and fsync'd once a second and on
+    close, so a machine crash loses at most the last second of records (that work is done again).
+    A torn last line is dropped when the journal is read back. :meth:`finish` removes the file once
+    the job's final outputs are in place, so a journal on disk always means "unfinished".
     """
-
-    FSYNC_EVERY = 1.0  # seconds
 
     def __init__(self, path: Path, records: list[dict[str, Any]]) -> None:
         self.path = path
         self.records = records  # what an earlier run finished (resume), in order
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  closed by finish() / close()
-        self._synced = time.monotonic()
+        self._log = AppendLog(path)
 
     @classmethod
     def open(cls, path: str | os.PathLike, kind: str, settings: dict[str, Any], resume: bool,
@@ -200,19 +196,12 @@ class Journal:
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one record (written and flushed; fsync'd once a second)."""
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
-        if time.monotonic() - self._synced >= self.FSYNC_EVERY:
-            os.fsync(self._file.fileno())
-            self._synced = time.monotonic()
+        self._log.append(json.dumps(record, separators=(",", ":")))
         self.records.append(record)
 
     def close(self) -> None:
         """Close the file (fsync'd) and keep it: the job was interrupted, resume=true continues it."""
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        self._log.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -222,25 +211,19 @@ class Journal:
 
     def finish(self) -> None:
         """Close and remove the journal: the job's outputs are complete."""
-        self._file.close()
+        self._log.close()
         self.path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> list[Any]:
-    """The journal's entries; a torn last line (no newline yet, or not JSON) is cut off the file."""
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # whatever follows the last newline is a torn write
-    lines = data[:keep].decode("utf-8").splitlines()
+    """The journal's entries; a torn last line (the process died writing it) is dropped."""
+    lines, torn = AppendLog.read_lines(path)
+    if torn:
+        log.warning("%s: dropped a torn last record (the process died while writing it)", path)
     entries = []
     for i, line in enumerate(lines, start=1):
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines):
-                raise MirsegError(f"{path} line {i} is damaged; run again without resume=true to start over") from None
-            keep -= len(line.encode("utf-8")) + 1  # a torn last line that happens to end in a newline
-    if keep < len(data):
-        log.warning("%s: dropping a torn last record (the process died while writing it)", path)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+            raise MirsegError(f"{path} line {i} is damaged; run again without resume=true to start over") from None
     return entries
