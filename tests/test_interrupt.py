@@ -27,7 +27,7 @@ from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
 from mirseg.data.synthetic import make_dataset
-from mirseg.errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Interrupted, MissingFileError
+from mirseg.errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Interrupted, MirsegError, MissingFileError
 from mirseg.infer import JOURNAL, iter_predictions, list_images, load_predictor, run_inference
 from mirseg.interrupt import Journal, graceful_stop, raise_on_signals
 from mirseg.mine import decode_summary, encode_summary, mine
@@ -135,6 +135,10 @@ def test_journal_resume_checks_and_torn_last_line(tmp_path):
         Journal.open(path, "infer", {"a": [1, 3]}, True, "x")
     with pytest.raises(ConfigError, match="not a mine journal"):
         Journal.open(path, "mine", {"a": [1, 2]}, True, "x")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], '{"n": 1', *lines[2:]]) + "\n")  # damaged inside: not a torn write
+    with pytest.raises(MirsegError, match="line 2 is damaged; run again without resume=true"):
+        Journal.open(path, "infer", {"a": [1, 2]}, True, "x")
     fresh = Journal.open(path, "infer", {"a": [1, 3]}, False, "x")  # no resume: the old journal is discarded
     assert fresh.records == []
     fresh.finish()
@@ -257,6 +261,21 @@ def test_torchrun_processes_stop_after_the_same_iteration_and_resume(tiny, tmp_p
     a, b = read_checkpoint(tmp_path / "cut" / "last.pth"), read_checkpoint(tmp_path / "full" / "last.pth")
     assert a["iteration"] == b["iteration"] == ITERS
     assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+
+
+def test_a_signal_during_the_set_up_stops_before_the_first_iteration(tiny, tmp_path, monkeypatch):
+    import mirseg.train
+
+    real = mirseg.train.label_histogram
+
+    def histogram_then_signal(*args, **kwargs):  # class_weight=auto counts the labels during the set-up
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mirseg.train, "label_histogram", histogram_then_signal)
+    with pytest.raises(Interrupted, match="before the first iteration: nothing saved, nothing to resume"):
+        mirseg.train.train(_train_cfg(tiny, tmp_path, class_weight="auto"))
+    assert not (tmp_path / "last.pth").exists()
 
 
 def test_resume_with_no_last_pth_says_there_is_nothing_to_resume(tiny, tmp_path, caplog):
