@@ -120,12 +120,35 @@ class CocoResultWriter:
         return [{"id": i, "name": n, "supercategory": "none"} for i, n in enumerate(self.class_names)
                 if i != self.background_index]
 
-    def _add_image(self, path: str, height: int | None, width: int | None) -> int:
-        self.num_images += 1
-        image: dict[str, Any] = {"id": self.num_images, "file_name": os.path.basename(str(path))}
+    @staticmethod
+    def _image(path: str, height: int | None, width: int | None) -> dict[str, Any]:
+        image: dict[str, Any] = {"file_name": os.path.basename(str(path))}
         if height is not None and width is not None:
             image.update(width=int(width), height=int(height))
-        self._images.write(json.dumps(image, separators=(",", ":")) + "\n")
+        return image
+
+    def encode(self, path: str, label: np.ndarray,
+               confidence: np.ndarray | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The image entry and annotations of ``path``'s (H, W) label map, without ids (see :meth:`add`).
+
+        JSON-ready: :meth:`add_encoded` of a copy read back from JSON writes the same bytes (this is
+        how an interrupted ``mirseg infer`` replays the images it had finished).
+        """
+        if label.ndim != 2:
+            raise ValueError(f"label of {path} must be (H, W), got shape {label.shape}")
+        if confidence is not None and confidence.shape != label.shape:
+            raise ValueError(f"confidence {confidence.shape} and label {label.shape} of {path} differ in shape")
+        skip = () if self.background_index is None else (self.background_index,)
+        return self._image(path, *label.shape), class_annotations(label, confidence, len(self.class_names), skip)
+
+    def add_encoded(self, image: dict[str, Any], annotations: Sequence[dict[str, Any]]) -> int:
+        """Write an :meth:`encode` result with the next image and annotation ids; returns the image id."""
+        self.num_images += 1
+        self._images.write(json.dumps({"id": self.num_images, **image}, separators=(",", ":")) + "\n")
+        for ann in annotations:
+            self.num_annotations += 1
+            ann = {"id": self.num_annotations, "image_id": self.num_images, **ann}
+            self._anns.write(json.dumps(ann, separators=(",", ":")) + "\n")
         return self.num_images
 
     def add(self, path: str, label: np.ndarray, confidence: np.ndarray | None = None) -> int:
@@ -134,21 +157,16 @@ class CocoResultWriter:
         ``label`` holds model class indices at the image's original size; ``confidence`` (H, W) the
         model's max probability per pixel. Returns the image id.
         """
-        if label.ndim != 2:
-            raise ValueError(f"label of {path} must be (H, W), got shape {label.shape}")
-        if confidence is not None and confidence.shape != label.shape:
-            raise ValueError(f"confidence {confidence.shape} and label {label.shape} of {path} differ in shape")
-        image_id = self._add_image(path, *label.shape)
-        skip = () if self.background_index is None else (self.background_index,)
-        for ann in class_annotations(label, confidence, len(self.class_names), skip):
-            self.num_annotations += 1
-            ann = {"id": self.num_annotations, "image_id": image_id, **ann}
-            self._anns.write(json.dumps(ann, separators=(",", ":")) + "\n")
-        return image_id
+        return self.add_encoded(*self.encode(path, label, confidence))
+
+    def failed_entry(self, path: str) -> dict[str, Any] | None:
+        """The entry :meth:`add_failed` writes for ``path`` (no size), or None when failed images are left out."""
+        return self._image(path, None, None) if self.list_failed else None
 
     def add_failed(self, path: str) -> int | None:
         """An image that could not be read: listed without size (``list_failed``) or left out; its id or None."""
-        return self._add_image(path, None, None) if self.list_failed else None
+        entry = self.failed_entry(path)
+        return self.add_encoded(entry, []) if entry is not None else None
 
     def close(self) -> Path:
         """Assemble the final JSON (written atomically) and drop the fragments; returns its path."""

@@ -161,7 +161,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds weights, data order and augmentation (reproducible on CPU)
     resume: bool = False  # continue from work_dir/last.pth with the same schedule
-    log_interval: int = 50  # TensorBoard loss/lr scalars every this many iterations
+    log_interval: int = 50  # loss/lr: a log line and TensorBoard scalars every this many iterations
     tensorboard_dir: str = ""  # default: work_dir/tensorboard
 
     def __post_init__(self) -> None:
@@ -229,6 +229,7 @@ class InferConfig:
     save_overlay: bool = False  # overlay/<stem>.jpg: the image blended with the colour mask
     save_coco: bool = True  # predictions.json: COCO, one compressed-RLE annotation per (image, class)
     save_proba: bool = False  # proba/<stem>.npy: float16 softmax (C, H, W) at the original size
+    resume: bool = False  # continue the interrupted run in out_dir, skipping its finished images; false: start over
 
     def __post_init__(self) -> None:
         _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu",))
@@ -268,6 +269,7 @@ class MineConfig:
     seed: int = 0  # random baseline and power sampling
     save_masks: bool = False  # masks/ and overlays/ of the chosen regions for the top max_kept_mining_image
     max_saved_masks: int = 1000  # save_masks: at most this many images (each costs one more forward pass)
+    resume: bool = False  # continue the interrupted run in out_dir, skipping its finished images; false: start over
 
     def __post_init__(self) -> None:
         # The algorithm knobs are checked by mirseg.mining.MiningParams, which mine() builds before any work.

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirseg import interrupt
 from mirseg.data.images import opencv_threads
+from mirseg.errors import Interrupted
 from mirseg.fileio import AtomicFile, atomic_path, write_atomic
 
 if TYPE_CHECKING:
@@ -390,6 +392,7 @@ def iter_predictions(
     scales: Sequence[float] = (),
     keep_image: bool = False,
     keep_original: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[ImagePrediction]:
     """One :class:`ImagePrediction` per path, in input order; unreadable images yield ``error``, never raise.
 
@@ -399,6 +402,12 @@ def iter_predictions(
     ``flip`` / ``scales`` (ratios of ``img_scale``, e.g. ``(0.75, 1.0, 1.25)``): test-time augmentation,
     probabilities averaged over every view at the working resolution. ``keep_image`` / ``keep_original``
     attach the working-size / decoded image.
+
+    ``stop`` (e.g. a :class:`mirseg.interrupt.StopRequest`) is asked after each image yielded while no
+    image is held back (none decoded and waiting in a partial batch); when it is true the iteration ends
+    there. The images yielded are then exactly the first ones of an uninterrupted run, predicted in the
+    same batches, and the rest of the run is ``iter_predictions(paths[len(yielded):])``: batches only
+    depend on the images from such a point on, so a resumed run predicts bit-identically.
     """
     if samples_per_gpu < 1:
         raise ValueError(f"samples_per_gpu must be >= 1, got {samples_per_gpu}")
@@ -443,6 +452,8 @@ def iter_predictions(
                 break
             # Too much held back: run the (partial) batch that holds the oldest image not yet yielded.
             run(next(k for k, b in buckets.items() if b[0].index == next_out))
+        if stop is not None and not buckets and not done and stop():
+            return  # a clean point: every image taken so far is yielded, none waits in a batch
     while buckets:
         run(min(buckets, key=lambda k: buckets[k][0].index))
         while next_out in done:
@@ -552,6 +563,10 @@ def _write_proba(path: Path, proba: torch.Tensor, size: tuple[int, int]) -> tupl
     return label, conf
 
 
+JOURNAL = "resume.jsonl"
+"""In ``out_dir`` while a run is unfinished: one line per image done (see :class:`mirseg.interrupt.Journal`)."""
+
+
 @dataclass
 class InferResult:
     """What ``run_inference`` wrote."""
@@ -578,6 +593,10 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
 
     ``cfg.checkpoint`` may also be an ONNX export (``.onnx``, run with ONNX Runtime, see
     :func:`mirseg.export.onnx_predictor`); ``predictor`` replaces loading ``cfg.checkpoint`` altogether.
+
+    SIGINT / SIGTERM finish the image(s) in flight, keep ``out_dir/resume.jsonl`` (one line per image
+    done, see :class:`mirseg.interrupt.Journal`) and raise :class:`~mirseg.errors.Interrupted`; with
+    ``cfg.resume`` a rerun skips the images done and writes the same files an uninterrupted run writes.
     """
     from mirseg.coco_result import CocoResultWriter
     from mirseg.visualize import overlay
@@ -610,41 +629,65 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                              list_failed=False) if cfg.save_coco else None)
     rows = AtomicFile(out_dir / "images.tsv")  # committed into place below
     failed: list[tuple[str, str]] = []
+    journal = None
     try:
+        journal = interrupt.Journal.open(out_dir / JOURNAL, "infer", interrupt.job_settings(cfg, paths, cfg.checkpoint),
+                                         cfg.resume, f"out_dir {out_dir}")
         rows.write("image_id\tname\tpath\tstatus\n")
-        preds = iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
-                                 workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, flip=cfg.flip, scales=cfg.scales,
-                                 keep_original=cfg.save_overlay)
-        for done, pred in enumerate(preds, start=1):
-            name = names[pred.index]
-            if pred.error is not None:
-                failed.append((pred.path, pred.error))
-                image_id = coco.add_failed(pred.path) if coco else None
-                rows.write(f"{image_id or ''}\t{name}\t{pred.path}\t{_one_line(pred.error)}\n")
-            else:
-                if cfg.save_proba:
-                    label_t, conf_t = _write_proba(out_dir / "proba" / f"{name}.npy", pred.proba, pred.size)
+        # Each image's outputs are written, then its journal line: a line on disk means the image is done.
+        for rec in journal.records:  # replay what an interrupted run finished (resume=true)
+            image_id = coco.add_encoded(rec["image"], rec["anns"]) if coco and rec["image"] is not None else None
+            if rec["error"] is not None:
+                failed.append((rec["path"], rec["error"]))
+            rows.write(f"{image_id or ''}\t{rec['name']}\t{rec['path']}\t{_one_line(rec['error'] or 'ok')}\n")
+        start = len(journal.records)
+        if start:
+            log.info("resuming: %d of %d images were done by the interrupted run", start, len(paths))
+        with interrupt.graceful_stop("the images in flight") as stop:
+            preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+                                     workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, flip=cfg.flip,
+                                     scales=cfg.scales, keep_original=cfg.save_overlay, stop=lambda: bool(stop))
+            for done, pred in enumerate(preds, start=start + 1):
+                name = names[start + pred.index]
+                entry, anns = None, []
+                if pred.error is not None:
+                    failed.append((pred.path, pred.error))
+                    entry = coco.failed_entry(pred.path) if coco else None
                 else:
-                    label_t, conf_t = label_map(pred.proba, pred.size)
-                dtype = np.uint8 if predictor.num_classes <= 256 else np.uint16
-                label = label_t.cpu().numpy().astype(dtype)  # (H, W) model class indices
-                if cfg.save_labels:
-                    write_atomic(out_dir / "labels" / f"{name}.png", _png(label))
-                if cfg.save_color:
-                    write_atomic(out_dir / "color" / f"{name}.png", _palette_png(label))
-                if cfg.save_overlay:
-                    write_atomic(out_dir / "overlay" / f"{name}.jpg", _jpeg(overlay(pred.original, label,
-                                                                                     skip=skip)))
-                image_id = coco.add(pred.path, label, conf_t.cpu().numpy()) if coco else None
-                rows.write(f"{image_id or ''}\t{name}\t{pred.path}\tok\n")
-            if progress is not None:
-                progress(done / len(paths))
+                    if cfg.save_proba:
+                        label_t, conf_t = _write_proba(out_dir / "proba" / f"{name}.npy", pred.proba, pred.size)
+                    else:
+                        label_t, conf_t = label_map(pred.proba, pred.size)
+                    dtype = np.uint8 if predictor.num_classes <= 256 else np.uint16
+                    label = label_t.cpu().numpy().astype(dtype)  # (H, W) model class indices
+                    if cfg.save_labels:
+                        write_atomic(out_dir / "labels" / f"{name}.png", _png(label))
+                    if cfg.save_color:
+                        write_atomic(out_dir / "color" / f"{name}.png", _palette_png(label))
+                    if cfg.save_overlay:
+                        write_atomic(out_dir / "overlay" / f"{name}.jpg", _jpeg(overlay(pred.original, label,
+                                                                                         skip=skip)))
+                    if coco:
+                        entry, anns = coco.encode(pred.path, label, conf_t.cpu().numpy())
+                image_id = coco.add_encoded(entry, anns) if entry is not None else None
+                rows.write(f"{image_id or ''}\t{name}\t{pred.path}\t{_one_line(pred.error or 'ok')}\n")
+                journal.append({"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns})
+                if progress is not None:
+                    progress(done / len(paths))
+        if stop and len(journal.records) < len(paths):
+            left = len(paths) - len(journal.records)
+            raise Interrupted(f"interrupted by {stop.name} after {len(journal.records)} of {len(paths)} images; "
+                              f"run the same command with resume=true to do the other {left} (out_dir={out_dir})",
+                              stop.signum)
         rows.commit()
         coco_json = coco.close() if coco else None
+        journal.finish()
     except BaseException:
         rows.abort()
         if coco:
             coco.abort()
+        if journal is not None:
+            journal.close()  # kept: resume=true continues from it
         raise
     if failed:
         log.warning("%d of %d images could not be read (listed in %s): %s", len(failed), len(paths),

@@ -20,22 +20,31 @@ Output files:
   ``<name>`` is the image's stem, made unique as ``mirseg infer`` does (``x``, ``x__2``, ...), and
   ``masks.tsv`` maps each image path to its mask and overlay. At most ``max_saved_masks`` of the
   top ``max_kept_mining_image`` images get one. ``random`` has no regions and writes none.
+- ``resume.jsonl``, only while a run is unfinished: each image's summary (the pool-wide scores of
+  RSAL need every image's) and each mask done, one line each. SIGINT / SIGTERM finish the images
+  in flight and stop with exit code 130 / 143; ``resume=true`` then skips what is done and writes
+  the same result.tsv and masks an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
+from mirseg import interrupt
 from mirseg.config import MineConfig
+from mirseg.errors import Interrupted
 from mirseg.fileio import write_atomic
-from mirseg.infer import Predictor, iter_predictions, list_images, load_predictor, output_names
-from mirseg.mining import Miner, MiningParams, get_algorithm
+from mirseg.infer import JOURNAL, Predictor, iter_predictions, list_images, load_predictor, output_names
+from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
 
 log = logging.getLogger("mirseg")
@@ -93,6 +102,33 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+_SUMMARY_TYPES = {cls.__name__: cls for cls in (rsal.RsalSummary, ripu.RipuSummary)}
+
+
+def encode_summary(obj: Any) -> Any:
+    """A mining summary as JSON, exactly (arrays as dtype + shape + base64 bytes) for the resume journal."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.ndarray, np.generic)):
+        a = np.ascontiguousarray(obj)
+        return {"ndarray": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii"),
+                "scalar": isinstance(obj, np.generic)}
+    if dataclasses.is_dataclass(obj) and type(obj).__name__ in _SUMMARY_TYPES:
+        return {"summary": type(obj).__name__,
+                "fields": {f.name: encode_summary(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    raise TypeError(f"cannot journal a mining summary of type {type(obj).__name__}: add it to mine._SUMMARY_TYPES")
+
+
+def decode_summary(data: Any) -> Any:
+    """The inverse of :func:`encode_summary`."""
+    if isinstance(data, dict) and "ndarray" in data:
+        a = np.frombuffer(base64.b64decode(data["data"]), dtype=np.dtype(data["ndarray"])).reshape(data["shape"])
+        return a[()] if data["scalar"] else a.copy()  # a writable array, as summarize made it
+    if isinstance(data, dict) and "summary" in data:
+        return _SUMMARY_TYPES[data["summary"]](**{k: decode_summary(v) for k, v in data["fields"].items()})
+    return data
+
+
 def draw_regions(image: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB picture: regions > 0 tinted and outlined, the rest dimmed; ``regions`` (H, W) int."""
     chosen = regions > 0
@@ -130,21 +166,50 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     they never stop the run. ``progress`` is called with the fraction done, ending at 1.0.
     ``predictor``: an already loaded network to use instead of ``cfg.checkpoint`` (benchmarks and
     active-learning loops mine repeatedly); its img_scale and device then apply.
+    SIGINT / SIGTERM and ``cfg.resume``: see the module docstring.
     """
-    from mirseg.data.images import ImageError, read_image
-
     miner = get_algorithm(cfg.mining_algorithm)
     params = mining_params(cfg)
     _check(cfg)
     paths = _unique(list_images(cfg.images))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = interrupt.job_settings(cfg, paths, cfg.checkpoint if miner.uses_model else None)
+    with (interrupt.graceful_stop("the images in flight") as stop,
+          interrupt.Journal.open(out_dir / JOURNAL, "mine", settings, cfg.resume, f"out_dir {out_dir}") as journal):
+        result = _mine(cfg, miner, params, paths, out_dir, progress, predictor, stop, journal)
+        journal.finish()
+    return result
+
+
+def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str], out_dir: Path,
+          progress: Callable[[float], None] | None, predictor: Predictor | None, stop: interrupt.StopRequest,
+          journal: interrupt.Journal) -> MineResult:
+    from mirseg.data.images import ImageError, read_image
+
     report = progress or (lambda _: None)
     share = 0.9 if cfg.save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
 
     failed: list[tuple[str, str]] = []
     ok: list[str] = []
     summaries: list = []
+
+    def add(path: str, error: str | None, summary: Any = None, replay: bool = False) -> None:
+        if error is not None:
+            failed.append((path, error))
+        else:
+            summaries.append(summary)
+            ok.append(path)
+        if not replay:  # the journal line comes after the summary exists: on disk means done
+            journal.append({"kind": "image", "path": path, "error": error, "summary": encode_summary(summary)})
+
+    # Replay what an interrupted run finished (resume=true): pass-1 summaries, then masks written.
+    for rec in journal.records:
+        if rec["kind"] == "image":
+            add(rec["path"], rec["error"], decode_summary(rec["summary"]), replay=True)
+    start = len(ok) + len(failed)
+    if start:
+        log.info("resuming: %d of %d candidates were done by the interrupted run", start, len(paths))
     num_classes = 0
     amp = False
     if miner.uses_model:
@@ -155,26 +220,29 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
         amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
         log.info("mining %d images with %s on %s at img_scale %s%s", len(paths), miner.name, predictor.device,
                  predictor.img_scale, " (autocast)" if amp else "")
-        preds = iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
-                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image)
-        for done, pred in enumerate(preds, start=1):
-            if pred.error is not None:
-                failed.append((pred.path, pred.error))
-            else:
-                assert miner.summarize is not None
-                summaries.append(miner.summarize(pred.proba, pred.image, params))
-                ok.append(pred.path)
+        preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image,
+                                 stop=lambda: bool(stop))
+        for done, pred in enumerate(preds, start=start + 1):
+            assert miner.summarize is not None
+            add(pred.path, pred.error, None if pred.error else miner.summarize(pred.proba, pred.image, params))
             report(share * done / len(paths))
     else:
         # No forward pass (random), but each candidate is still decoded so unreadable ones are reported alike.
         log.info("mining %d images with %s (no model needed)", len(paths), miner.name)
-        for done, path in enumerate(paths, start=1):
+        for done, path in enumerate(paths[start:], start=start + 1):
+            if stop:
+                break
             try:
                 read_image(path)
-                ok.append(path)
+                add(path, None)
             except ImageError as exc:
-                failed.append((path, str(exc)))
+                add(path, str(exc))
             report(share * done / len(paths))
+    if stop and len(ok) + len(failed) < len(paths):
+        left = len(paths) - len(ok) - len(failed)
+        raise Interrupted(f"interrupted by {stop.name} after {len(paths) - left} of {len(paths)} candidates; run the "
+                          f"same command with resume=true to do the other {left} (out_dir={out_dir})", stop.signum)
 
     ranking, chosen, order = _score_pool(miner, cfg, params, summaries, ok, num_classes)
     failed.sort()  # order-independent output: the unreadable ones by path
@@ -193,29 +261,38 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
         else:
             top = order[:min(cfg.max_kept_mining_image, cfg.max_saved_masks, len(order))]
             masks = _save_masks(miner, params, predictor, cfg, amp, [ok[i] for i in top], [chosen[i] for i in top],
-                                out_dir, lambda f: report(share + (1 - share) * f))
+                                out_dir, lambda f: report(share + (1 - share) * f), stop, journal)
     report(1.0)
     log.info("ranked %d candidates -> %s", len(ranking), tsv)
     return MineResult(ranking, tsv, failed, masks)
 
 
 def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: MineConfig, amp: bool, paths: list[str],
-                chosen: list, out_dir: Path, report: Callable[[float], None]) -> list[Path]:
-    """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs."""
+                chosen: list, out_dir: Path, report: Callable[[float], None], stop: interrupt.StopRequest,
+                journal: interrupt.Journal) -> list[Path]:
+    """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs.
+
+    Each image's mask is journalled once written; a resumed run starts after the last one journalled.
+    """
     assert miner.regions is not None
     names = output_names(paths)
-    written: list[Path] = []
-    index_lines = []
-    preds = iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
-                             workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True)
-    for done, pred in enumerate(preds, start=1):
+    done_before = [rec for rec in journal.records if rec["kind"] == "mask"]
+    written: list[Path] = [out_dir / rec["mask"] for rec in done_before if rec["mask"]]
+    index_lines = [rec["line"] for rec in done_before if rec["line"]]
+    start = len(done_before)
+    preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+                             workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True,
+                             stop=lambda: bool(stop))
+    for done, pred in enumerate(preds, start=start + 1):
         if pred.error is not None:  # readable in pass 1, gone now
             log.warning("no mask for %s: %s", pred.path, pred.error)
+            journal.append({"kind": "mask", "path": pred.path, "mask": None, "line": None})
             continue
-        regions = miner.regions(pred.proba, pred.image, chosen[pred.index], params)  # (h, w) int32 working size
+        i = start + pred.index
+        regions = miner.regions(pred.proba, pred.image, chosen[i], params)  # (h, w) int32 working size
         h, w = pred.size
         regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
-        name = names[pred.index]
+        name = names[i]
         mask_path = out_dir / "masks" / f"{name}.png"
         overlay_path = out_dir / "overlays" / f"{name}.jpg"
         write_atomic(mask_path, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
@@ -223,7 +300,13 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: M
         write_atomic(overlay_path, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
         written.append(mask_path)
         index_lines.append(f"{pred.path}\tmasks/{mask_path.name}\toverlays/{overlay_path.name}\n")
+        journal.append({"kind": "mask", "path": pred.path, "mask": f"masks/{mask_path.name}", "line": index_lines[-1]})
         report(done / len(paths))
+    done = len([rec for rec in journal.records if rec["kind"] == "mask"])
+    if stop and done < len(paths):
+        raise Interrupted(f"interrupted by {stop.name} after the masks of {done} of {len(paths)} images (result.tsv "
+                          f"is complete); run the same command with resume=true to save the other {len(paths) - done} "
+                          f"(out_dir={out_dir})", stop.signum)
     write_atomic(out_dir / "masks.tsv", "".join(index_lines).encode())
     return written
 

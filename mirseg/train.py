@@ -11,19 +11,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shlex
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from mirseg import dist, pretrained
+from mirseg import dist, interrupt, pretrained
 from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, read_checkpoint
 from mirseg.config import TrainConfig, save_config, to_dict
 from mirseg.constants import IGNORE_INDEX
@@ -32,7 +35,7 @@ from mirseg.data.dataset import SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
-from mirseg.errors import MirsegError
+from mirseg.errors import Interrupted, MirsegError, MissingFileError
 from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
@@ -154,7 +157,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.R
 
 def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iteration: int,
                 metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                scheduler: Any = None, best: dict[str, Any] | None = None) -> dict[str, Any]:
+                scheduler: Any = None, best: dict[str, Any] | None = None,
+                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> dict[str, Any]:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": 1, "arch": cfg.model, "class_names": list(class_names),
@@ -167,6 +171,10 @@ def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iter
         ckpt["best"] = best or {}
         ckpt["rng"] = {"torch": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if rank_rng is not None:  # under torchrun: each process's own state (dropout differs per process)
+            ckpt["rng"]["ranks"] = rank_rng
+        if scaler is not None and scaler.is_enabled():  # AMP loss scale: a resumed run must not re-learn it
+            ckpt["scaler"] = scaler.state_dict()
     return ckpt
 
 
@@ -184,7 +192,18 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     """Train ``cfg.model`` on the configured data; returns where the best and last checkpoints are.
 
     ``progress`` (optional) is called with the fraction done, for the YMIR monitor.
+
+    SIGINT / SIGTERM (see :mod:`mirseg.interrupt`) end the current iteration, save a resumable
+    ``last.pth`` at it and raise :class:`~mirseg.errors.Interrupted`; ``resume=True`` then continues
+    to the weights an uninterrupted run reaches (bit-exact on CPU). Under torchrun every process
+    stops at the same iteration.
     """
+    with interrupt.graceful_stop("the current iteration") as stop:
+        return _train(cfg, progress, stop)
+
+
+def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
+           stop: interrupt.StopRequest) -> TrainResult:
     cfg = cfg.resolved()
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
@@ -241,10 +260,16 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
                              f"({', '.join(class_names)})")
         class_weight = torch.tensor(cfg.class_weight, device=rt.device, dtype=torch.float32)
 
+    use_amp = cfg.amp and rt.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
     # -- resume
     start_iter, best = 0, {"mIoU": -1.0, "iteration": 0, "metrics": {}}
     last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
     if cfg.resume:
+        if not last_path.is_file():
+            raise MissingFileError(f"nothing to resume in {work_dir}: it has no last.pth (a run saves one at every "
+                                   "interval and when it is interrupted); check work_dir, or train without --resume")
         ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
         if ckpt.get("class_names") != class_names:
             raise ValueError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
@@ -255,6 +280,13 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and rt.device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        ranks = ckpt["rng"].get("ranks") or []
+        if rt.distributed and len(ranks) == rt.world_size:  # each process continues its own random stream
+            torch.set_rng_state(ranks[rt.rank]["torch"])
+            if ranks[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
+                torch.cuda.set_rng_state(ranks[rt.rank]["cuda"], rt.device)
+        if ckpt.get("scaler") and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
         log.info("resumed from %s at iteration %d", last_path, start_iter)
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
@@ -267,8 +299,6 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     # dropout randomness of a resumed run against an uninterrupted one.
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
                         pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    use_amp = cfg.amp and rt.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     writer = None
     if rt.is_main:
@@ -294,6 +324,11 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
     # cv2.setNumThreads inside a forked worker deadlocks once this process's OpenCV pool has run.
     with opencv_threads(1 if cfg.workers_per_gpu > 0 else None):
         batches = iter(loader)
+    saved_at = start_iter  # the iteration last.pth holds (0: none yet)
+    signum = _agreed_signal(stop, rt)  # a signal during the set-up
+    if signum is not None:
+        _stop_training(signum, start_iter, saved_at, cfg, rt, net, class_names, optimizer, scheduler, best, scaler,
+                       bar, writer)
     for it, (images, labels) in enumerate(batches, start=start_iter):
         images = images.to(rt.device, non_blocking=True)
         labels = labels.to(rt.device, non_blocking=True)
@@ -318,6 +353,8 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
                 for k, v in parts.items():
                     writer.add_scalar(f"loss/{k}", v, done)
                 writer.add_scalar("lr", cur_lr, done)
+                log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, cfg.max_iters, parts["total"],
+                         ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), cur_lr)
         if progress is not None and rt.is_main:
             progress(done / cfg.max_iters)
 
@@ -326,10 +363,19 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
             metrics = evaluate(model, val_set, cfg, rt, num_classes) if len(val_set) else {}
             model.train()
             last_metrics = metrics
+            rank_rng = _rank_rng_states(rt)
             if rt.is_main:
                 _after_eval(cfg, net, class_names, done, metrics, best, optimizer, scheduler, writer, val_set, rt,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, scaler, rank_rng)
             dist.barrier(rt)
+            saved_at = done
+
+        # Checked after every step, so a run stops within one iteration; under torchrun this is one
+        # tiny all_reduce per iteration (the loop already waits for the loss value every iteration).
+        signum = _agreed_signal(stop, rt)
+        if signum is not None and done < cfg.max_iters:  # on the last iteration the run is complete anyway
+            _stop_training(signum, done, saved_at, cfg, rt, net, class_names, optimizer, scheduler, best, scaler,
+                           bar, writer)
     if bar is not None:
         bar.close()
     if writer is not None:
@@ -343,7 +389,8 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
 
 def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: int, metrics: dict[str, Any],
                 best: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, writer: Any,
-                val_set: SegDataset, rt: dist.Runtime, elapsed: float) -> None:
+                val_set: SegDataset, rt: dist.Runtime, elapsed: float,
+                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> None:
     """Log the evaluation, write TensorBoard scalars and images, save best/last/iteration checkpoints."""
     work_dir = Path(cfg.work_dir)
     if metrics:
@@ -359,7 +406,7 @@ def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: 
     is_best = math.isfinite(score) and score > best["mIoU"]
     if is_best:
         best.update({"mIoU": score, "iteration": done, "metrics": metrics})
-    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best)
+    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best, scaler, rank_rng)
     atomic_save(ckpt, work_dir / "last.pth")
     if is_best:
         atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / "best.pth")
@@ -370,6 +417,59 @@ def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: 
             kept = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
             for old in kept[:-cfg.max_keep_ckpts]:
                 old.unlink()
+
+
+def _rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
+    """Every process's RNG state (CPU, and its own CUDA device's), for rank 0's last.pth; None in one process.
+
+    A collective: every process calls it at the same point.
+    """
+    if not rt.distributed:
+        return None
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
+    states: list[Any] = [None] * rt.world_size
+    torch_dist.all_gather_object(states, mine)
+    return states
+
+
+def _agreed_signal(stop: interrupt.StopRequest, rt: dist.Runtime) -> int | None:
+    """The signal to stop on, the same in every process: SIGTERM if any process got one, else SIGINT if any did.
+
+    Signals reach the processes of a torchrun group at different moments; summing one vote per
+    process and signal makes them all stop after the same iteration.
+    """
+    if not rt.distributed:
+        return stop.signum
+    votes = torch.tensor([stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM], dtype=torch.int32)
+    votes = dist.all_reduce_sum(votes, rt).cpu()
+    return signal.SIGTERM if votes[1] else signal.SIGINT if votes[0] else None
+
+
+def _stop_training(signum: int, done: int, saved_at: int, cfg: TrainConfig, rt: dist.Runtime, net: nn.Module,
+                   class_names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, best: dict[str, Any],
+                   scaler: torch.amp.GradScaler, bar: Any, writer: Any) -> NoReturn:
+    """Save a resumable last.pth at iteration ``done`` (rank 0), close the logs, raise :class:`Interrupted`."""
+    work_dir = Path(cfg.work_dir)
+    last_path = work_dir / "last.pth"
+    rank_rng = _rank_rng_states(rt) if done > saved_at else None
+    if rt.is_main and done > saved_at:
+        # No metrics: they would belong to an earlier iteration than the weights.
+        atomic_save(_checkpoint(net, cfg, class_names, done, {}, optimizer, scheduler, best, scaler, rank_rng),
+                    last_path)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    dist.barrier(rt)  # nobody exits (and makes torchrun kill the group) before rank 0 has saved
+    dist.teardown(rt)
+    name = interrupt.signal_name(signum)
+    if done == 0:
+        raise Interrupted(f"interrupted by {name} before the first iteration: nothing saved, nothing to resume",
+                          signum)
+    how = f"mirseg train {shlex.quote(str(work_dir / 'config.yaml'))} --resume"
+    raise Interrupted(f"interrupted by {name} at iteration {done}/{cfg.max_iters}; saved {last_path}; resume with: "
+                      f"{how}" + (" (under the same torchrun command)" if rt.distributed else ""), signum)
 
 
 def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime,

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mirseg import interrupt
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, check_keys, parse_overrides, save_config
-from mirseg.errors import ConfigError
+from mirseg.errors import EXIT_SIGINT, ConfigError, Interrupted
 from mirseg.fileio import atomic_path, write_atomic
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
@@ -327,7 +328,7 @@ def _job_values(cls: type, params: dict[str, Any], allowed_extra: set[str]) -> d
 def run_mining_and_infer(env: YmirEnv, monitor: Monitor) -> None:
     params = read_task_config(env, "mining" if env.run_mining else "infer")
     source = env.config_file
-    owned = {"checkpoint", "images", "out_dir", "device"}
+    owned = {"checkpoint", "images", "out_dir", "device", "resume"}  # every YMIR task starts afresh
     _check_keys(params, (set(MineConfig.__dataclass_fields__) | set(InferConfig.__dataclass_fields__)) - owned,
                 source)
     device, _ = _device(params, source)
@@ -433,7 +434,12 @@ def _quiet_caches(tmp: str) -> None:
 
 
 def run(env_path: str | os.PathLike) -> int:
-    """Run the task of ``env_path``; 0 on success, 1 after writing the monitor's error state."""
+    """Run the task of ``env_path``; 0 on success, else non-zero after writing the monitor's error state.
+
+    SIGINT / SIGTERM (``docker stop``): training saves last.pth at the current iteration, mining and
+    inference finish the images in flight, anything else stops at once; then the monitor's error
+    state is written with the reason, and the exit code is 130 / 143 (1 for a failure).
+    """
     monitor = None
     try:
         env = read_env(env_path)
@@ -452,16 +458,30 @@ def run(env_path: str | os.PathLike) -> int:
         monitor.update(POSTPROCESS, 1.0, force=True)
         log.info("done in %.0f s", time.time() - started)
         return 0
+    except (Interrupted, KeyboardInterrupt) as exc:  # stopped from outside, not a failure: one line, no traceback
+        signum = exc.signum if isinstance(exc, Interrupted) else EXIT_SIGINT - 128
+        message = str(exc) if isinstance(exc, Interrupted) else "interrupted by SIGINT"
+        code = CODE_CONFIG if monitor is None else CODE_MODEL
+        log.error("task stopped (error code %d): %s", code, message)
+        monitor = monitor or _fallback_monitor()
+        if monitor is not None:
+            monitor.error(code, message)
+        return 128 + signum
     except Exception as exc:  # any failure: error state + message + non-zero exit, never a stuck "running"
         code = error_code(exc, CODE_CONFIG if monitor is None else CODE_MODEL)
         log.exception("task failed (error code %d): %s", code, exc)
-        if monitor is None:  # env.yaml unusable: fall back to the platform's fixed path if it is there
-            fallback = Path("/out/monitor.txt")
-            if fallback.parent.is_dir() and os.access(fallback.parent, os.W_OK):
-                monitor = Monitor(fallback, "mirseg")
+        monitor = monitor or _fallback_monitor()
         if monitor is not None:
             monitor.error(code, f"{type(exc).__name__}: {exc}")
         return 1
+
+
+def _fallback_monitor() -> Monitor | None:
+    """env.yaml unusable: the platform's fixed /out/monitor.txt if it can be written, else None."""
+    fallback = Path("/out/monitor.txt")
+    if fallback.parent.is_dir() and os.access(fallback.parent, os.W_OK):
+        return Monitor(fallback, "mirseg")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
-    with tempfile.TemporaryDirectory(prefix="mirseg-cache-") as tmp:
+    # SIGINT/SIGTERM outside training's and mining's safe points raise at once, so run() reports them.
+    with tempfile.TemporaryDirectory(prefix="mirseg-cache-") as tmp, interrupt.raise_on_signals():
         _quiet_caches(tmp)
         return run(args.env or os.environ.get("MIRSEG_YMIR_ENV") or DEFAULT_ENV)
