@@ -93,7 +93,7 @@ def _yaml_file(path: str | None) -> str | None:
 
 
 def _train_config(args: argparse.Namespace):
-    from mirseg.config import TrainConfig, check_output_dirs, load_config, parse_overrides
+    from mirseg.config import TrainConfig, load_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
     if args.resume:
@@ -101,7 +101,6 @@ def _train_config(args: argparse.Namespace):
     if args.weights:
         overrides["weights"] = args.weights
     cfg = load_config(TrainConfig, _yaml_file(args.config), overrides)
-    check_output_dirs(cfg)
     return cfg
 
 
@@ -132,11 +131,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _job_config(cls: type, args: argparse.Namespace):
     """An InferConfig/MineConfig from ``--config`` YAML, then the positionals, then ``key=value``."""
-    from mirseg.config import check_output_dirs, load_config, parse_overrides
+    from mirseg.config import load_config, parse_overrides
 
     overrides = {"checkpoint": args.checkpoint, "images": args.images, **parse_overrides(args.overrides)}
     cfg = load_config(cls, args.config, overrides)
-    check_output_dirs(cfg)
     return cfg
 
 

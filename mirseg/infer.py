@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,12 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirseg import interrupt
+from mirseg.config import InferConfig, check_output_dirs
 from mirseg.data.images import opencv_threads
-from mirseg.errors import Interrupted
+from mirseg.errors import ConfigError, Interrupted, MissingFileError
 from mirseg.fileio import AtomicFile, atomic_path, write_atomic
-
-if TYPE_CHECKING:
-    from mirseg.config import InferConfig
 
 log = logging.getLogger("mirseg")
 
@@ -107,11 +105,11 @@ def predict_logits(
                 return model(images)["out"].float()
             if mode == "slide":
                 if crop_size is None or stride is None:
-                    raise ValueError("slide mode needs crop_size and stride, e.g. (769, 769) and (513, 513)")
+                    raise ConfigError("slide mode needs crop_size and stride, e.g. (769, 769) and (513, 513)")
                 if min(stride) < 1 or min(crop_size) < 1:
-                    raise ValueError(f"crop_size {crop_size} and stride {stride} must be positive")
+                    raise ConfigError(f"crop_size {crop_size} and stride {stride} must be positive")
                 return sliding_window(model, images, tuple(crop_size), tuple(stride))
-            raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
+            raise ConfigError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
     finally:
         model.train(was_training)
 
@@ -177,9 +175,9 @@ def _pair(key: str, value: Any) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be two positive integers, got {value!r}") from None
+        raise ConfigError(f"{key} must be two positive integers, got {value!r}") from None
     if a < 1 or b < 1:
-        raise ValueError(f"{key} must be two positive integers, got {value!r}")
+        raise ConfigError(f"{key} must be two positive integers, got {value!r}")
     return a, b
 
 
@@ -217,7 +215,7 @@ def load_predictor(
     img_scale = _pair("img_scale", img_scale or saved.get("img_scale") or preset.img_scale)
     test_mode = str(test_mode or saved.get("test_mode") or preset.test_mode)
     if test_mode not in ("whole", "slide"):
-        raise ValueError(f"test_mode must be 'whole' or 'slide', got {test_mode!r}")
+        raise ConfigError(f"test_mode must be 'whole' or 'slide', got {test_mode!r}")
     slide_crop = _pair("slide_crop", slide_crop or saved.get("slide_crop") or saved.get("crop_size")
                        or preset.crop_size)
     slide_stride = _pair("slide_stride", slide_stride or saved.get("slide_stride") or preset.slide_stride)
@@ -245,7 +243,7 @@ def list_images(spec: str | os.PathLike) -> list[str]:
 
     text = str(spec)
     if not text.strip():
-        raise ValueError("images is empty: give an image folder, a glob pattern such as 'photos/*.jpg', "
+        raise ConfigError("images is empty: give an image folder, a glob pattern such as 'photos/*.jpg', "
                          "or a text file listing image paths")
     p = Path(text)
     if p.is_dir():
@@ -256,7 +254,7 @@ def list_images(spec: str | os.PathLike) -> list[str]:
         kind = "list file"
     elif p.is_file():
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise ValueError(f"{p} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a list file "
+            raise ConfigError(f"{p} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a list file "
                              f"({', '.join(LIST_SUFFIXES)})")
         paths, kind = [text], "file"
     elif glob.has_magic(text):
@@ -264,9 +262,9 @@ def list_images(spec: str | os.PathLike) -> list[str]:
                        if Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(f))
         kind = "glob pattern"
     else:
-        raise FileNotFoundError(f"image folder, list file or image {p} does not exist")
+        raise MissingFileError(f"image folder, list file or image {p} does not exist")
     if not paths:
-        raise ValueError(f"no images found by {kind} {text!r} (image suffixes: {', '.join(IMAGE_EXTENSIONS)})")
+        raise ConfigError(f"no images found by {kind} {text!r} (image suffixes: {', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
@@ -410,12 +408,12 @@ def iter_predictions(
     depend on the images from such a point on, so a resumed run predicts bit-identically.
     """
     if samples_per_gpu < 1:
-        raise ValueError(f"samples_per_gpu must be >= 1, got {samples_per_gpu}")
+        raise ConfigError(f"samples_per_gpu must be >= 1, got {samples_per_gpu}")
     if workers_per_gpu < 0:
-        raise ValueError(f"workers_per_gpu must be >= 0, got {workers_per_gpu}")
+        raise ConfigError(f"workers_per_gpu must be >= 0, got {workers_per_gpu}")
     ratios = tuple(float(s) for s in scales) or (1.0,)
     if min(ratios) <= 0:
-        raise ValueError(f"scales must be positive ratios of img_scale, e.g. [0.75, 1.0, 1.25], got {list(scales)}")
+        raise ConfigError(f"scales must be positive ratios of img_scale, e.g. [0.75, 1.0, 1.25], got {list(scales)}")
     if not paths:
         return
     dtype = autocast_dtype(predictor.device, amp)
@@ -601,8 +599,9 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
     from mirseg.coco_result import CocoResultWriter
     from mirseg.visualize import overlay
 
+    check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     if not cfg.checkpoint and predictor is None:
-        raise ValueError("checkpoint is empty: give a mirseg checkpoint, e.g. `mirseg infer runs/train/best.pth "
+        raise ConfigError("checkpoint is empty: give a mirseg checkpoint, e.g. `mirseg infer runs/train/best.pth "
                          "photos/`")
     if predictor is None and str(cfg.checkpoint).lower().endswith(".onnx"):
         from mirseg.export import onnx_predictor

@@ -40,8 +40,8 @@ import cv2
 import numpy as np
 
 from mirseg import interrupt
-from mirseg.config import MineConfig
-from mirseg.errors import Interrupted
+from mirseg.config import MineConfig, check_output_dirs
+from mirseg.errors import ConfigError, Interrupted
 from mirseg.fileio import write_atomic
 from mirseg.infer import JOURNAL, Predictor, iter_predictions, list_images, load_predictor, output_names
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
@@ -79,11 +79,11 @@ def mining_params(cfg: MineConfig) -> MiningParams:
 
 def _check(cfg: MineConfig) -> None:
     if cfg.sampling not in ("top", "power"):
-        raise ValueError(f"sampling must be 'top' or 'power', got {cfg.sampling!r}")
+        raise ConfigError(f"sampling must be 'top' or 'power', got {cfg.sampling!r}")
     if cfg.power_beta < 0:
-        raise ValueError(f"power_beta must be >= 0, got {cfg.power_beta}")
+        raise ConfigError(f"power_beta must be >= 0, got {cfg.power_beta}")
     if cfg.max_saved_masks < 0:
-        raise ValueError(f"max_saved_masks must be >= 0, got {cfg.max_saved_masks}")
+        raise ConfigError(f"max_saved_masks must be >= 0, got {cfg.max_saved_masks}")
 
 
 def _unique(paths: Sequence[str]) -> list[str]:
@@ -171,6 +171,7 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     miner = get_algorithm(cfg.mining_algorithm)
     params = mining_params(cfg)
     _check(cfg)
+    check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     paths = _unique(list_images(cfg.images))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

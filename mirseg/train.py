@@ -27,15 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from mirseg import dist, interrupt, pretrained
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save, read_checkpoint
-from mirseg.config import TrainConfig, save_config, to_dict
+from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, read_checkpoint
+from mirseg.config import TrainConfig, check_output_dirs, save_config, to_dict
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.check import check_data, crop_padding_warning
-from mirseg.data.dataset import SegDataset, label_histogram
+from mirseg.data.dataset import DatasetError, SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
-from mirseg.errors import Interrupted, MirsegError, MissingFileError
+from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
 from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
@@ -205,6 +205,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
 def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
            stop: interrupt.StopRequest) -> TrainResult:
     cfg = cfg.resolved()
+    check_output_dirs(cfg)  # a work_dir that is a file fails before any work
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
     work_dir = Path(cfg.work_dir)
@@ -230,7 +231,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     train_set = SegDataset(train_split.samples, train_tf, seed=cfg.seed)
     val_set = SegDataset(val_split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
     if len(train_set) == 0:
-        raise ValueError("the training set is empty: check train_ann / train_images / train_labels")
+        raise DatasetError("the training set is empty: check train_ann / train_images / train_labels")
 
     # -- model, optimiser, schedule
     model = build_model(cfg.model, num_classes)
@@ -256,7 +257,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
         class_weight = torch.tensor(weights, device=rt.device)
     elif cfg.class_weight:
         if len(cfg.class_weight) != num_classes:
-            raise ValueError(f"class_weight has {len(cfg.class_weight)} values but there are {num_classes} classes "
+            raise ConfigError(f"class_weight has {len(cfg.class_weight)} values but there are {num_classes} classes "
                              f"({', '.join(class_names)})")
         class_weight = torch.tensor(cfg.class_weight, device=rt.device, dtype=torch.float32)
 
@@ -272,7 +273,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
                                    "interval and when it is interrupted); check work_dir, or train without --resume")
         ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
         if ckpt.get("class_names") != class_names:
-            raise ValueError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
+            raise ConfigError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -491,16 +492,17 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, A
     """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table."""
     ckpt = read_checkpoint(checkpoint, cfg.trust_checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint} is not a mirseg checkpoint (it has no class names); train with mirseg first")
+        raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no class names): evaluate a "
+                              "best.pth / last.pth written by `mirseg train`")
     cfg = cfg.resolved()
     class_names = list(ckpt["class_names"])
     rt = dist.setup(cfg.device)
     names = tuple(class_names) if cfg.val_labels else _user_classes(ckpt)
     split = load_split(dataclasses.replace(cfg, class_names=names), "val")
     if not split.samples:
-        raise ValueError("nothing to evaluate: give val_ann + val_images (COCO) or val_images + val_labels")
+        raise ConfigError("nothing to evaluate: give val_ann + val_images (COCO) or val_images + val_labels")
     if split.class_names != class_names:
-        raise ValueError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
+        raise DatasetError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
     model = build_model(ckpt["arch"], len(class_names))
     model.load_state_dict(ckpt["model"])
     model.to(rt.device).eval()

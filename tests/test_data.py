@@ -693,3 +693,16 @@ def test_eval_transform_resizes_image_only():
     np.testing.assert_array_equal(out_label.numpy(), label)
     out_image, out_label = EvalTransform(scale=(20, 10))(image, None)
     assert out_image.shape == (3, 10, 13) and out_label is None  # down-scaled by min(20/40, 10/30)
+
+
+def test_label_png_training_without_validation_data(tmp_path):
+    """The layout is the training set's: no val_labels must not send the val split down the COCO path."""
+    from mirseg.config import TrainConfig
+    from mirseg.data.sources import load_split
+    from mirseg.data.synthetic import make_dataset
+
+    s = make_dataset(tmp_path, 3, size=(32, 32), labels=True)
+    cfg = TrainConfig(train_images=str(s.images), train_labels=str(s.labels), class_names=("bg", "disc", "box"))
+    assert len(load_split(cfg, "train").samples) == 3
+    val = load_split(cfg, "val")
+    assert val.samples == [] and val.class_names == ["bg", "disc", "box"]

@@ -91,7 +91,8 @@ def coco_category_names(path: str) -> list[str]:
 
 def model_classes(cfg: Any, split: str = "train") -> list[str]:
     """The model's class list: background first unless ignore_blank_area (COCO layout only)."""
-    if getattr(cfg, f"{split}_labels"):
+    # The layout is the training set's: validation label PNGs may be absent (no validation data).
+    if cfg.train_labels or getattr(cfg, f"{split}_labels"):
         if not cfg.class_names:
             raise ConfigError(f"{split}_labels (label-PNG layout) needs class_names: names of label values 0, 1, "
                               "... (e.g. class_names=[road,car])")

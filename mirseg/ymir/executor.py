@@ -22,7 +22,7 @@ from typing import Any
 
 from mirseg import interrupt
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config, check_keys, parse_overrides, save_config
-from mirseg.errors import EXIT_SIGINT, ConfigError, Interrupted
+from mirseg.errors import EXIT_SIGINT, ConfigError, Interrupted, MirsegError
 from mirseg.fileio import atomic_path, write_atomic
 from mirseg.ymir import templates
 from mirseg.ymir.protocol import (
@@ -469,7 +469,8 @@ def run(env_path: str | os.PathLike) -> int:
         return 128 + signum
     except Exception as exc:  # any failure: error state + message + non-zero exit, never a stuck "running"
         code = error_code(exc, CODE_CONFIG if monitor is None else CODE_MODEL)
-        log.exception("task failed (error code %d): %s", code, exc)
+        # The user's to fix: the message says what and how. Anything else is a bug: keep the traceback.
+        (log.error if isinstance(exc, MirsegError) else log.exception)("task failed (error code %d): %s", code, exc)
         monitor = monitor or _fallback_monitor()
         if monitor is not None:
             monitor.error(code, f"{type(exc).__name__}: {exc}")
