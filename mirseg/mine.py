@@ -17,9 +17,13 @@ Output files:
 - ``masks/<name>.png`` (with ``save_masks``): the chosen regions 255, else 0, at the original
   image size (a PNG whatever the input format; the original reused the image's extension and so
   wrote lossy JPEG masks); ``overlays/<name>.jpg``: the image with the chosen regions highlighted.
-  ``<name>`` is the image's stem, made unique as ``mirseg infer`` does (``x``, ``x__2``, ...), and
-  ``masks.tsv`` maps each image path to its mask and overlay. At most ``max_saved_masks`` of the
-  top ``max_kept_mining_image`` images get one. ``random`` has no regions and writes none.
+  The regions cover ``region_budget`` of the image (:mod:`mirseg.mining`: whole superpixels, or
+  RIPU's merged windows, best first). ``<name>`` is the image's stem, made unique as ``mirseg
+  infer`` does (``x``, ``x__2``, ...), and ``masks.tsv`` maps each image path to its mask, its
+  overlay and its labelled share (masked pixels / pixels). At most ``max_saved_masks`` of the top
+  ``max_kept_mining_image`` images get one. ``random`` (no model) cuts the original image.
+- ``report.html`` and ``thumbs/<name>.jpg`` (with ``report``, which implies ``save_masks``): the page
+  of :mod:`mirseg.report`.
 - ``resume.jsonl``, only while a run is unfinished: each image's summary (the pool-wide scores of
   RSAL need every image's) and each mask done, one line each. SIGINT / SIGTERM finish the images
   in flight and stop with exit code 130 / 143; ``resume=true`` then skips what is done and writes
@@ -31,21 +35,32 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from mirseg import interrupt
 from mirseg.config import MineConfig, check_output_dirs
+from mirseg.data.images import ImageError, read_image
 from mirseg.errors import ConfigError, Interrupted
 from mirseg.fileio import write_atomic
-from mirseg.infer import JOURNAL, Predictor, iter_predictions, list_images, load_predictor, output_names
+from mirseg.infer import (
+    JOURNAL,
+    ImagePrediction,
+    Predictor,
+    iter_predictions,
+    list_images,
+    load_predictor,
+    output_names,
+)
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
+from mirseg.report import ReportImage, render, thumbnail
 
 log = logging.getLogger("mirseg")
 
@@ -74,7 +89,7 @@ def mining_params(cfg: MineConfig) -> MiningParams:
         superpixel_cell=cfg.superpixel_cell, uncertainty_method=cfg.uncertainty_method,
         topk_superpixel_score=cfg.topk_superpixel_score, max_kept_mining_image=cfg.max_kept_mining_image,
         class_balance=cfg.class_balance, ripu_region_radius=cfg.ripu_region_radius, reduction=cfg.reduction,
-        topk_percent=cfg.topk_percent, seed=cfg.seed)
+        topk_percent=cfg.topk_percent, seed=cfg.seed, region_budget=cfg.region_budget)
 
 
 def _check(cfg: MineConfig) -> None:
@@ -145,8 +160,8 @@ def draw_regions(image: np.ndarray, regions: np.ndarray) -> np.ndarray:
 
 
 def _score_pool(miner: Miner, cfg: MineConfig, params: MiningParams, summaries: list, ok: list[str],
-                num_classes: int) -> tuple[list[tuple[str, float]], list, list[int]]:
-    """(ranking of the readable candidates, chosen regions per readable candidate, their order)."""
+                num_classes: int) -> tuple[list[tuple[str, float]], list, list[int], np.ndarray]:
+    """(ranking of the readable candidates, chosen regions per readable candidate, their order, their scores)."""
     scores, chosen = miner.score_pool(summaries, ok, num_classes, params)
     if cfg.sampling == "power":
         order = power_order(scores, cfg.power_beta, cfg.seed, keys=ok)
@@ -155,7 +170,7 @@ def _score_pool(miner: Miner, cfg: MineConfig, params: MiningParams, summaries: 
     else:
         order = rank(scores, keys=ok)
         ranking = [(ok[i], float(scores[i])) for i in order]
-    return ranking, list(chosen), [int(i) for i in order]
+    return ranking, list(chosen), [int(i) for i in order], np.asarray(scores, dtype=np.float64)
 
 
 def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
@@ -186,10 +201,9 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
 def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str], out_dir: Path,
           progress: Callable[[float], None] | None, predictor: Predictor | None, stop: interrupt.StopRequest,
           journal: interrupt.Journal) -> MineResult:
-    from mirseg.data.images import ImageError, read_image
-
     report = progress or (lambda _: None)
-    share = 0.9 if cfg.save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
+    save_masks = cfg.save_masks or cfg.report  # the report shows the masks' overlays
+    share = 0.9 if save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
 
     failed: list[tuple[str, str]] = []
     ok: list[str] = []
@@ -245,7 +259,7 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
         raise Interrupted(f"interrupted by {stop.name} after {len(paths) - left} of {len(paths)} candidates; run the "
                           f"same command with resume=true to do the other {left} (out_dir={out_dir})", stop.signum)
 
-    ranking, chosen, order = _score_pool(miner, cfg, params, summaries, ok, num_classes)
+    ranking, chosen, order, scores = _score_pool(miner, cfg, params, summaries, ok, num_classes)
     failed.sort()  # order-independent output: the unreadable ones by path
     ranking += [(path, FAILED_SCORE) for path, _ in failed]
     tsv = out_dir / "result.tsv"
@@ -256,34 +270,62 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
                     + (" ..." if len(failed) > 5 else ""))
 
     masks: list[Path] = []
-    if cfg.save_masks:
-        if miner.regions is None or predictor is None:
+    saved: list[dict] = []
+    if save_masks:
+        if miner.regions is None:
             log.info("%s chooses no regions: no masks written", miner.name)
         else:
             top = order[:min(cfg.max_kept_mining_image, cfg.max_saved_masks, len(order))]
-            masks = _save_masks(miner, params, predictor, cfg, amp, [ok[i] for i in top], [chosen[i] for i in top],
-                                out_dir, lambda f: report(share + (1 - share) * f), stop, journal)
+            masks, saved = _save_masks(miner, params, predictor, cfg, amp, [ok[i] for i in top],
+                                       [chosen[i] for i in top], out_dir, lambda f: report(share + (1 - share) * f),
+                                       stop, journal)
+    if cfg.report:
+        _write_report(cfg, miner, predictor, out_dir, ranking, dict(zip(ok, scores.tolist())), saved, len(failed))
     report(1.0)
     log.info("ranked %d candidates -> %s", len(ranking), tsv)
     return MineResult(ranking, tsv, failed, masks)
 
 
-def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: MineConfig, amp: bool, paths: list[str],
-                chosen: list, out_dir: Path, report: Callable[[float], None], stop: interrupt.StopRequest,
-                journal: interrupt.Journal) -> list[Path]:
-    """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs.
+def _originals(paths: list[str], stop: interrupt.StopRequest) -> Iterator[ImagePrediction]:
+    """The images as decoded, for an algorithm without a model (random): no probabilities, no working size."""
+    for index, path in enumerate(paths):
+        if stop:
+            return
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            yield ImagePrediction(index, path, (0, 0), None, None, str(exc))
+            continue
+        yield ImagePrediction(index, path, image.shape[:2], None, image, None, image)
+
+
+def _class_shares(proba: torch.Tensor | None) -> list[float] | None:
+    """The predicted (argmax) share of each class at the working size, rounded for the journal; None: no model."""
+    if proba is None:
+        return None
+    counts = torch.bincount(proba.argmax(0).reshape(-1), minlength=proba.shape[0]).cpu().numpy()  # (C,)
+    return [round(float(c) / max(1, int(counts.sum())), 6) for c in counts]
+
+
+def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None, cfg: MineConfig, amp: bool,
+                paths: list[str], chosen: list, out_dir: Path, report: Callable[[float], None],
+                stop: interrupt.StopRequest, journal: interrupt.Journal) -> tuple[list[Path], list[dict]]:
+    """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs
+    (and thumbnails for the report). Returns the masks written and one record per image that got one.
 
     Each image's mask is journalled once written; a resumed run starts after the last one journalled.
     """
     assert miner.regions is not None
     names = output_names(paths)
     done_before = [rec for rec in journal.records if rec["kind"] == "mask"]
-    written: list[Path] = [out_dir / rec["mask"] for rec in done_before if rec["mask"]]
-    index_lines = [rec["line"] for rec in done_before if rec["line"]]
+    saved: list[dict] = [rec for rec in done_before if rec["mask"]]
     start = len(done_before)
-    preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
-                             workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True,
-                             stop=lambda: bool(stop))
+    if predictor is None:  # random: no model, its regions are cut from the original image
+        preds: Iterable[ImagePrediction] = _originals(paths[start:], stop)
+    else:
+        preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True,
+                                 stop=lambda: bool(stop))
     for done, pred in enumerate(preds, start=start + 1):
         if pred.error is not None:  # readable in pass 1, gone now
             log.warning("no mask for %s: %s", pred.path, pred.error)
@@ -294,22 +336,44 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: M
         h, w = pred.size
         regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
         name = names[i]
-        mask_path = out_dir / "masks" / f"{name}.png"
-        overlay_path = out_dir / "overlays" / f"{name}.jpg"
-        write_atomic(mask_path, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
+        mask, overlay, thumb = f"masks/{name}.png", f"overlays/{name}.jpg", f"thumbs/{name}.jpg"
+        write_atomic(out_dir / mask, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
         picture = draw_regions(pred.original, regions)
-        write_atomic(overlay_path, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
-        written.append(mask_path)
-        index_lines.append(f"{pred.path}\tmasks/{mask_path.name}\toverlays/{overlay_path.name}\n")
-        journal.append({"kind": "mask", "path": pred.path, "mask": f"masks/{mask_path.name}", "line": index_lines[-1]})
+        write_atomic(out_dir / overlay, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+        if cfg.report:
+            write_atomic(out_dir / thumb, _encode(".jpg", cv2.cvtColor(thumbnail(picture), cv2.COLOR_RGB2BGR)))
+        labelled = round(float(np.count_nonzero(regions)) / regions.size, 6)  # the masked share at the original size
+        saved.append({"kind": "mask", "path": pred.path, "mask": mask, "overlay": overlay, "thumb": thumb,
+                      "share": labelled, "classes": _class_shares(pred.proba),
+                      "line": f"{pred.path}\t{mask}\t{overlay}\t{labelled:.6f}\n"})
+        journal.append(saved[-1])
         report(done / len(paths))
     done = len([rec for rec in journal.records if rec["kind"] == "mask"])
     if stop and done < len(paths):
         raise Interrupted(f"interrupted by {stop.name} after the masks of {done} of {len(paths)} images (result.tsv "
                           f"is complete); run the same command with resume=true to save the other {len(paths) - done} "
                           f"(out_dir={out_dir})", stop.signum)
-    write_atomic(out_dir / "masks.tsv", "".join(index_lines).encode())
-    return written
+    write_atomic(out_dir / "masks.tsv", "".join(rec["line"] for rec in saved).encode())
+    return [out_dir / rec["mask"] for rec in saved], saved
+
+
+def _write_report(cfg: MineConfig, miner: Miner, predictor: Predictor | None, out_dir: Path,
+                  ranking: list[tuple[str, float]], scores: dict[str, float], saved: list[dict], failed: int) -> None:
+    """``report.html`` beside result.tsv: the images that got masks, in ranking order, and the pool's scores."""
+    position = {path: i + 1 for i, (path, _) in enumerate(ranking)}
+    images = [ReportImage(position[rec["path"]], rec["path"], scores[rec["path"]], rec["share"], rec["mask"],
+                          rec["overlay"], rec["thumb"], None if rec["classes"] is None else tuple(rec["classes"]))
+              for rec in saved]
+    info = [("algorithm", miner.name), ("checkpoint", cfg.checkpoint if miner.uses_model else "(none: no model)"),
+            ("candidates", f"{len(ranking)} ({failed} unreadable, ranked last)"),
+            ("region budget", f"{100 * cfg.region_budget:g} % of each image"), ("sampling", cfg.sampling),
+            ("ranking", "result.tsv"), ("masks", "masks.tsv")]
+    if predictor is not None:
+        info.insert(2, ("working size", f"img_scale {list(predictor.img_scale)}"))
+    page = render(images, list(scores.values()), title=f"mirseg mine: {miner.name} on {cfg.images}", info=info,
+                  class_names=predictor.class_names if predictor is not None else [])
+    write_atomic(out_dir / "report.html", page.encode())
+    log.info("report of the top %d images -> %s", len(images), out_dir / "report.html")
 
 
 __all__ = ["FAILED_SCORE", "MineResult", "draw_regions", "mine", "mining_params"]

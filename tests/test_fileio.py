@@ -164,14 +164,14 @@ def test_infer_mine_and_export_outputs_get_the_umask_mode(trained_fastscnn, two_
             save_color=True, save_overlay=True, save_proba=True)))
         mine(build_config(MineConfig, dict(
             checkpoint=str(ckpt), images=str(two_images), out_dir=str(tmp_path / "mine"), workers_per_gpu=0,
-            max_superpixel_per_image=32, save_masks=True)))
+            max_superpixel_per_image=32, save_masks=True, report=True)))
         export(ckpt, "onnx", tmp_path / "export" / "model.onnx", height=64, width=64)
     finally:
         os.umask(old)
     # labels, color, overlay, proba x 2 images + predictions.json + images.tsv + classes.txt
     _assert_outputs(tmp_path / "infer", mask, 11)
-    # result.tsv + masks.tsv + a mask and an overlay per image
-    _assert_outputs(tmp_path / "mine", mask, 6)
+    # result.tsv + masks.tsv + report.html + a mask, an overlay and a thumbnail per image
+    _assert_outputs(tmp_path / "mine", mask, 9)
     _assert_outputs(tmp_path / "export", mask, 2)  # model.onnx + model.onnx.json
 
 

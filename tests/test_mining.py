@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mirseg.mining import ALGORITHMS, MiningParams, baselines, get_algorithm, ripu, rsal
-from mirseg.mining.regions import region_means, region_modes
+from mirseg.mining.regions import region_means, region_modes, take_budget
 from mirseg.mining.select import power_order, rank, select
 from mirseg.mining.superpixels import SUPERPIXEL_ALGORITHMS, consecutive, grid, superpixels
 from mirseg.mining.uncertainty import bvsb, entropy, get_uncertainty, least_confidence, margin, top2
@@ -250,7 +250,6 @@ def test_reductions():
     assert baselines.reduce(m, "sum") == 45
     assert baselines.reduce(m, "topk", 20) == 8.5  # the 2 best of 10
     assert baselines.reduce(m, "topk", 25) == 8.0  # ceil(2.5) = 3 pixels: 7, 8, 9
-    assert baselines.top_pixels(m, 20).tolist() == [[False] * 5, [False, False, False, True, True]]
     with pytest.raises(ValueError, match="did you mean 'mean'"):
         baselines.reduce(m, "meen")
 
@@ -348,25 +347,82 @@ def test_shuffling_the_candidates_changes_no_score(name):
     np.testing.assert_allclose(t, s[perm], rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["rsal", "ripu", "entropy"])
-def test_region_maps_match_the_chosen_regions(name):
-    params = MiningParams(max_superpixel_per_image=64, superpixel_cell=0, max_kept_mining_image=1, topk_percent=5)
+def test_take_budget_by_hand():
+    labels = np.array([[0, 0, 1, 1, 1],
+                       [2, 2, 1, 1, 1],
+                       [3, 3, 3, 3, 4]])  # region sizes 2, 6, 2, 4, 1 of 15 pixels
+    # 0.3 * 15 = 4.5 pixels: region 3 (4 px) is 0.5 short, 3 + 0 (6 px) 1.5 over: the closer prefix is one region.
+    assert take_budget(labels, [3, 0, 1], 0.3).tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
+    # 0.4 * 15 = 6: 3 + 0 is exact; ids follow the order, the other regions stay 0.
+    out = take_budget(labels, [3, 0, 1], 0.4)
+    assert out.tolist() == [[2, 2, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert take_budget(labels, [1], 0.01).max() == 1  # at least one region
+    assert (take_budget(labels, [4, 0, 1, 2, 3], 1.0) > 0).all()
+    with pytest.raises(ValueError, match="region_budget.*in \\(0, 1\\]"):
+        take_budget(labels, [0], 0)
+    with pytest.raises(ValueError, match="labels in 0..4"):
+        take_budget(labels, [5], 0.5)
+
+
+def test_ripu_budget_windows_merge_and_rank_by_the_best_window():
+    a = torch.zeros(10, 12)
+    a[2, 2], a[2, 3] = 0.9, 0.8  # overlapping windows: one region
+    a[7, 9] = 0.7  # a window of its own
+    out = ripu.budget_windows(a, 1, 16 / 120)  # 16 pixels: the two windows at (2, 2) and (2, 3), 3x4
+    assert out.max() == 1 and (out == 1).sum() == 12 and out[1:4, 1:5].min() == 1
+    out = ripu.budget_windows(a, 1, 21 / 120)  # + the window at (7, 9): 12 + 9 = 21
+    assert out.max() == 2 and (out == 2).sum() == 9 and (out[6:9, 8:11] == 2).all()
+    assert (ripu.budget_windows(a, 0, 2 / 120) > 0).sum() == 2  # r = 0: single pixels
+
+
+@pytest.mark.parametrize("budget", [0.022, 0.05, 0.15])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_region_masks_cover_the_budget_in_whole_ranked_regions(name, budget):
+    # Generated 96x128 scenes; the working map is the probabilities' size (random: the image's).
+    params = MiningParams(max_superpixel_per_image=256, superpixel_cell=0, region_budget=budget, seed=2)
     miner = get_algorithm(name)
-    scenes = [_scene(True, i) for i in range(3)]
-    summaries = [miner.summarize(p, img, params) for p, img in scenes]
+    scenes = [_scene(True, i, 96, 128) for i in range(3)]
+    summaries = [miner.summarize(p, img, params) for p, img in scenes] if miner.summarize else []
     _, chosen = miner.score_pool(summaries, ["a", "b", "c"], 3, params)
     p, img = scenes[0]
-    regions = miner.regions(p, img, chosen[0], params)
-    assert regions.shape == tuple(p.shape[1:]) and regions.dtype == np.int32
+    regions = miner.regions(None if name == "random" else p, img, chosen[0], params)
+    assert regions.shape == (96, 128) and regions.dtype == np.int32
+    assert abs((regions > 0).mean() - budget) <= 0.1 * budget, (regions > 0).mean()
+    n = int(regions.max())
+    assert sorted(np.unique(regions).tolist()) == list(range(n + 1))  # ids 1..n, no gap
+    if name == "ripu":  # merged windows, numbered by their best window
+        a = ripu.region_scores(p, params.ripu_region_radius).numpy()
+        best = [a[regions == i].max() for i in range(1, n + 1)]
+        assert best == sorted(best, reverse=True)
+        return
+    labels = superpixels(img, params.superpixel_algorithm, 256, 0)
+    taken = [int(np.unique(labels[regions == i]).item()) for i in range(1, n + 1)]  # each region one superpixel
+    for i, lab in enumerate(taken):
+        assert np.array_equal(regions == i + 1, labels == lab)  # ... and the whole of it
     if name == "rsal":
-        labels = superpixels(img, "slico", 64, 0)
-        assert regions.max() == len(chosen[0])
-        for i, lab in enumerate(chosen[0]):
-            assert np.array_equal(regions == i + 1, labels == lab)
-    elif name == "ripu":
-        assert (regions > 0).sum() <= 9 * params.topk_superpixel_score and regions.max() == len(chosen[0])
+        assert taken == chosen[0][:n].tolist()  # the image's superpixels by weighted score
+    elif name == "random":
+        again = miner.regions(None, img, chosen[0], params)
+        assert np.array_equal(again, regions)  # seeded
+        assert not np.array_equal(miner.regions(None, img, chosen[1], params), regions)  # another image's order
     else:
-        assert (regions > 0).sum() == math.ceil(0.05 * regions.size)
+        u, _ = region_means(get_uncertainty(name)(p), labels)
+        assert np.all(np.diff(u[taken]) <= 0) and u[taken[-1]] >= np.median(u)  # most uncertain first
+
+
+def test_rsal_ranking_starts_with_the_superpixels_that_make_the_score():
+    params = MiningParams(max_superpixel_per_image=64, superpixel_cell=0, max_kept_mining_image=1)
+    scenes = [_scene(True, i) for i in range(3)]
+    summaries = [get_algorithm("rsal").summarize(p, img, params) for p, img in scenes]
+    pool = rsal.score_pool(summaries, 3, 3, 1)
+    for chosen, ranked, s in zip(pool.chosen, pool.ranked, summaries):
+        assert sorted(ranked.tolist()) == list(range(len(s.scores)))  # every superpixel once
+        assert ranked[:len(chosen)].tolist() == chosen.tolist()
+
+
+def test_region_budget_is_checked():
+    with pytest.raises(ValueError, match="region_budget"):
+        MiningParams(region_budget=1.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,24 +469,35 @@ def test_cli_mine_writes_tsv_masks_and_reports_bad_candidates(trained_fastscnn, 
         mask = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 255} and (mask == 255).any()
     assert len((out / "masks.tsv").read_text().splitlines()) == 3
+    assert not (out / "report.html").exists() and not (out / "thumbs").exists()  # report=false: no page
 
 
-@pytest.mark.parametrize("algorithm", ["ripu", "random", "entropy"])
-def test_mine_api_every_algorithm_ranks_every_candidate(trained_fastscnn, pool, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_mine_api_every_algorithm_ranks_every_candidate_and_masks_the_budget(trained_fastscnn, pool, tmp_path,
+                                                                             algorithm):
     from mirseg.config import MineConfig, build_config
     from mirseg.mine import mine
 
     seen = []
     cfg = build_config(MineConfig, dict(checkpoint=str(trained_fastscnn[0]), images=str(pool),
                                         out_dir=str(tmp_path), mining_algorithm=algorithm, workers_per_gpu=0,
-                                        save_masks=True, max_kept_mining_image=2, reduction="topk"))
+                                        save_masks=True, max_kept_mining_image=3, reduction="topk",
+                                        region_budget=0.05, max_superpixel_per_image=256))
     result = mine(cfg, progress=seen.append)
     assert len(result.ranking) == 10 and len({p for p, _ in result.ranking}) == 10
     assert sorted(p for p, _ in result.failed) == [str(pool / "corrupt.png"), str(pool / "empty.jpg")]
     assert [p for p, _ in result.ranking[-2:]] == [str(pool / "corrupt.png"), str(pool / "empty.jpg")]
     assert seen[-1] == 1.0 and seen == sorted(seen)
-    assert len(result.masks) == (0 if algorithm == "random" else 2)
     assert result.tsv.read_text().count("\n") == 10
+    # Every algorithm masks its top images, each mask covering the budget; masks.tsv says the share.
+    assert len(result.masks) == 3
+    rows = [line.split("\t") for line in (tmp_path / "masks.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == [p for p, _ in result.ranking[:3]]
+    for path, mask, overlay, share in rows:
+        m = cv2.imread(str(tmp_path / mask), cv2.IMREAD_UNCHANGED)
+        assert m.shape == (96, 128) and (tmp_path / overlay).is_file()
+        assert float(share) == pytest.approx((m == 255).mean(), abs=1e-6)
+        assert abs(float(share) - 0.05) <= 0.005, (path, share)
 
 
 def test_pixel_stats_across_blocks_match_a_plain_reference():

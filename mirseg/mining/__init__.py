@@ -7,7 +7,11 @@ loop for all of them and keeps only small per-image summaries in memory:
 2. ``score_pool(summaries, keys, num_classes, params) -> (scores (N,), chosen)`` over the pool
    (RSAL needs pool-wide class shares and a threshold; for the others it just collects);
 3. ``regions(proba, image, chosen_i, params) -> (h, w) int32`` for the masks: 0 outside the
-   chosen regions, i + 1 inside the i-th one (recomputed, for the top images only).
+   chosen regions, i + 1 inside the i-th one (recomputed, for the top images only). Every
+   algorithm's regions cover ``region_budget`` of the image, ranked best first: whole superpixels
+   (RSAL by its weighted scores, the pixel baselines by their mean uncertainty, ``random`` in a
+   seeded random order) or merged windows (RIPU). ``random`` has no model: its ``proba`` is None
+   and ``image`` the original, so its map is at the original size.
 
 ``ALGORITHMS`` maps the names of the ``mining_algorithm`` key to them; :func:`get_algorithm` looks
 a name up in any case (``RSAL``, ``rsal``) and suggests the nearest one on a typo.
@@ -25,6 +29,7 @@ import torch
 from mirseg.errors import ConfigError
 from mirseg.mining import baselines, ripu, rsal
 from mirseg.mining._names import lookup
+from mirseg.mining.regions import check_budget, region_means, take_budget
 from mirseg.mining.superpixels import check_algorithm, enlarge, superpixel_grid
 from mirseg.mining.uncertainty import get_uncertainty
 
@@ -44,6 +49,7 @@ class MiningParams:
     reduction: str = "mean"
     topk_percent: float = 10.0
     seed: int = 0
+    region_budget: float = 0.022
 
     def __post_init__(self) -> None:
         # Fail on a typo before any image is predicted.
@@ -58,6 +64,7 @@ class MiningParams:
                               f"({self.ripu_region_radius}) must be >= 0")
         if not 0 < self.topk_percent <= 100:
             raise ConfigError(f"topk_percent must be in (0, 100], got {self.topk_percent}")
+        check_budget(self.region_budget)
 
 
 PoolScores = tuple[np.ndarray, Sequence[Any]]
@@ -73,7 +80,7 @@ class Miner:
     uses_image: bool  # True: summarize needs the RGB image (superpixels)
     summarize: Callable[[torch.Tensor, np.ndarray | None, MiningParams], Any] | None
     score_pool: Callable[[Sequence[Any], Sequence[str], int, MiningParams], PoolScores]
-    regions: Callable[[torch.Tensor, np.ndarray | None, Any, MiningParams], np.ndarray] | None
+    regions: Callable[[torch.Tensor | None, np.ndarray | None, Any, MiningParams], np.ndarray] | None
     description: str = ""
 
 
@@ -87,6 +94,11 @@ def _rsal_superpixels(image: np.ndarray | None, p: MiningParams) -> np.ndarray:
     return superpixel_grid(image, p.superpixel_algorithm, p.max_superpixel_per_image, p.superpixel_cell)
 
 
+def _superpixel_map(image: np.ndarray | None, p: MiningParams, size: tuple[int, int]) -> np.ndarray:
+    """The superpixels of ``image`` enlarged to ``size`` (h, w): region pixel counts are taken at that size."""
+    return enlarge(_rsal_superpixels(image, p), size)
+
+
 def _rsal_summarize(proba: torch.Tensor, image: np.ndarray | None, p: MiningParams) -> rsal.RsalSummary:
     return rsal.summarize(proba, _rsal_superpixels(image, p), p.uncertainty_method)
 
@@ -95,14 +107,14 @@ def _rsal_pool(summaries: Sequence[rsal.RsalSummary], keys: Sequence[str], num_c
                p: MiningParams) -> PoolScores:
     pool = rsal.score_pool(summaries, num_classes, p.topk_superpixel_score, p.max_kept_mining_image,
                            p.class_balance)
-    return pool.scores, pool.chosen
+    return pool.scores, pool.ranked  # the masks take superpixels in score order up to the budget
 
 
-def _rsal_regions(proba: torch.Tensor, image: np.ndarray | None, chosen: np.ndarray, p: MiningParams) -> np.ndarray:
-    labels = _rsal_superpixels(image, p)  # (h, w) the same map as in the scoring pass
-    lut = np.zeros(int(labels.max()) + 1, np.int32)
-    lut[np.asarray(chosen, dtype=np.int64)] = np.arange(1, len(chosen) + 1, dtype=np.int32)
-    return enlarge(lut[labels], tuple(proba.shape[-2:]))
+def _rsal_regions(proba: torch.Tensor | None, image: np.ndarray | None, ranked: np.ndarray,
+                  p: MiningParams) -> np.ndarray:
+    assert proba is not None
+    labels = _superpixel_map(image, p, tuple(proba.shape[-2:]))  # (h, w) the scoring pass's superpixels
+    return take_budget(labels, ranked, p.region_budget)
 
 
 # -- RIPU
@@ -117,8 +129,10 @@ def _ripu_pool(summaries: Sequence[ripu.RipuSummary], keys: Sequence[str], num_c
     return np.array([s.score for s in summaries], dtype=np.float64), [s.centres for s in summaries]
 
 
-def _ripu_regions(proba: torch.Tensor, image: np.ndarray | None, chosen: np.ndarray, p: MiningParams) -> np.ndarray:
-    return ripu.window_mask(tuple(proba.shape[-2:]), chosen, p.ripu_region_radius)
+def _ripu_regions(proba: torch.Tensor | None, image: np.ndarray | None, chosen: np.ndarray,
+                  p: MiningParams) -> np.ndarray:
+    assert proba is not None
+    return ripu.budget_windows(ripu.region_scores(proba, p.ripu_region_radius), p.ripu_region_radius, p.region_budget)
 
 
 # -- pixel-map baselines and random
@@ -133,15 +147,29 @@ def _pixel_miner(method: str) -> Miner:
     def pool(summaries: Sequence[float], keys: Sequence[str], num_classes: int, p: MiningParams) -> PoolScores:
         return np.array(summaries, dtype=np.float64), [None] * len(summaries)
 
-    def regions(proba: torch.Tensor, image: np.ndarray | None, chosen: Any, p: MiningParams) -> np.ndarray:
-        return baselines.top_pixels(fn(proba), p.topk_percent).astype(np.int32)
+    def regions(proba: torch.Tensor | None, image: np.ndarray | None, chosen: Any, p: MiningParams) -> np.ndarray:
+        # Whole superpixels (the image's, as RSAL cuts it) ranked by their mean pixel uncertainty.
+        assert proba is not None
+        labels = _superpixel_map(image, p, tuple(proba.shape[-2:]))  # (h, w)
+        means, _ = region_means(fn(proba), labels)  # (K,)
+        return take_budget(labels, np.argsort(-means, kind="stable"), p.region_budget)
 
     return Miner(method, True, False, summarize, pool, regions,
                  f"image {method} ({'normalised, ' if method == 'entropy' else ''}reduced by `reduction`)")
 
 
 def _random_pool(summaries: Sequence[Any], keys: Sequence[str], num_classes: int, p: MiningParams) -> PoolScores:
-    return baselines.random_scores(keys, p.seed), [None] * len(keys)
+    # Per image a seed for its random superpixel order: hashed like the score, so order-independent too.
+    seeds = baselines.hashed_uniform([f"regions:{k}" for k in keys], p.seed)
+    return baselines.random_scores(keys, p.seed), [int(u * 2**53) for u in seeds]
+
+
+def _random_regions(proba: torch.Tensor | None, image: np.ndarray | None, seed: int, p: MiningParams) -> np.ndarray:
+    if image is None:
+        raise ValueError("random regions need the image to compute superpixels")
+    labels = _superpixel_map(image, p, image.shape[:2])  # (H, W) of the original: random has no working size
+    order = np.random.default_rng(seed).permutation(int(labels.max()) + 1)
+    return take_budget(labels, order, p.region_budget)
 
 
 ALGORITHMS: dict[str, Miner] = {
@@ -149,7 +177,8 @@ ALGORITHMS: dict[str, Miner] = {
                   "superpixel mean uncertainty x class balance; top-k + above-threshold superpixels"),
     "ripu": Miner("ripu", True, False, _ripu_summarize, _ripu_pool, _ripu_regions,
                   "window entropy x label impurity; top-k non-overlapping windows"),
-    "random": Miner("random", False, False, None, _random_pool, None, "seeded uniform scores (baseline)"),
+    "random": Miner("random", False, False, None, _random_pool, _random_regions,
+                    "seeded uniform scores (baseline); random superpixels as regions"),
     "entropy": _pixel_miner("entropy"),
     "margin": _pixel_miner("margin"),
     "least_confidence": _pixel_miner("least_confidence"),

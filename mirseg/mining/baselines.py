@@ -55,15 +55,6 @@ def reduce(pixel_scores: torch.Tensor, reduction: str = "mean", topk_percent: fl
     return float(torch.topk(flat, _top_count(flat.numel(), topk_percent), sorted=False).values.mean())
 
 
-def top_pixels(pixel_scores: torch.Tensor, topk_percent: float = 10.0) -> np.ndarray:
-    """Boolean mask (H, W) of the ``topk_percent`` % highest pixels: the regions a baseline points at."""
-    flat = pixel_scores.detach().reshape(-1)
-    idx = torch.topk(flat, _top_count(flat.numel(), topk_percent), sorted=False).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[idx] = True
-    return mask.reshape(pixel_scores.shape).cpu().numpy()
-
-
 def hashed_uniform(keys: Sequence[str], seed: int = 0) -> np.ndarray:
     """``(N,)`` float64 in (0, 1), one per key, from BLAKE2b of ``"<seed>:<key>"``: seeded, order-independent."""
     out = np.empty(len(keys), np.float64)
@@ -78,4 +69,4 @@ def random_scores(keys: Sequence[str], seed: int = 0) -> np.ndarray:
     return hashed_uniform(keys, seed)
 
 
-__all__ = ["REDUCTIONS", "check_reduction", "hashed_uniform", "random_scores", "reduce", "top_pixels"]
+__all__ = ["REDUCTIONS", "check_reduction", "hashed_uniform", "random_scores", "reduce"]

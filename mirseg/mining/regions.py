@@ -1,4 +1,5 @@
-"""Per-region statistics in one vectorised pass: ``bincount`` over the label map, never a loop over labels.
+"""Per-region statistics in one vectorised pass (``bincount`` over the label map, never a loop over labels),
+and the pixel budget that turns ranked regions into what a labeller is shown (:func:`take_budget`).
 
 The original looped over superpixel labels with a full-image comparison each (O(K*H*W), and it
 skipped the last label, algorithms.md §1.5); one ``bincount`` is O(H*W) whatever K is.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from mirseg.errors import ConfigError
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -57,4 +60,41 @@ def region_modes(classes: np.ndarray | torch.Tensor, labels: np.ndarray, num_cla
     return joint.reshape(k, num_classes).argmax(axis=1)  # first maximum: the lowest class id on ties
 
 
-__all__ = ["region_means", "region_modes"]
+def check_budget(budget: float) -> float:
+    """``region_budget`` as a float in (0, 1], or a ConfigError naming the key."""
+    if not 0 < budget <= 1:
+        raise ConfigError(f"region_budget is the share of an image's pixels a mask covers: in (0, 1], got {budget} "
+                          f"(e.g. region_budget=0.022 for 2.2 %)")
+    return float(budget)
+
+
+def take_budget(labels: np.ndarray, order: np.ndarray | list[int], budget: float) -> np.ndarray:
+    """The regions of ``labels`` (H, W) taken best first until they cover ``budget`` of the pixels.
+
+    ``order``: region labels, best first (labels not listed are never taken). The cut is the
+    prefix whose pixel count is closest to ``budget * H * W`` (the shortest prefix that reaches
+    it, or one region less when that is closer; at least one region), so the share is off by at
+    most half a region. Returns (H, W) int32: 0 outside, i + 1 inside the i-th region taken.
+    """
+    budget = check_budget(budget)
+    labels = _numpy(labels)
+    k = int(labels.max()) + 1 if labels.size else 0
+    counts = np.bincount(labels.reshape(-1).astype(np.int64, copy=False), minlength=k)  # (K,)
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    if order.size and (order.min() < 0 or order.max() >= k):
+        raise ValueError(f"region order must list labels in 0..{k - 1}, got {order.min()}..{order.max()}")
+    order = order[counts[order] > 0]  # an empty region adds nothing and would leave a gap in the ids
+    out = np.zeros(labels.shape, np.int32)
+    if order.size == 0:
+        return out
+    cum = np.cumsum(counts[order])  # (n,) pixels covered by the first i + 1 regions
+    target = budget * labels.size
+    n = min(int(np.searchsorted(cum, target, side="left")) + 1, order.size)  # shortest prefix reaching target
+    if n > 1 and target - cum[n - 2] < cum[n - 1] - target:  # one region less is strictly closer
+        n -= 1
+    lut = np.zeros(k, np.int32)
+    lut[order[:n]] = np.arange(1, n + 1, dtype=np.int32)
+    return lut[labels]
+
+
+__all__ = ["check_budget", "region_means", "region_modes", "take_budget"]

@@ -11,7 +11,9 @@ For every pixel x and its (2r+1)x(2r+1) window W(x), r = ``ripu_region_radius``:
 
 The image score is the sum of A over the ``topk`` best **non-overlapping** windows, picked greedily
 (the best window, then the best one that shares no pixel with those already taken, ...), which are
-also the regions shown to the labeller.
+the image's top windows. The mask shown to the labeller is larger (:func:`budget_windows`): the
+union of the best-scoring windows until it covers ``region_budget`` of the image, overlapping
+and touching windows merged into one region, the regions ranked by their best window.
 
 How this differs from the original image (algorithms.md §2, §8):
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mirseg.errors import ConfigError
+from mirseg.mining.regions import check_budget
 from mirseg.mining.uncertainty import pixel_stats
 
 
@@ -158,5 +161,46 @@ def window_mask(shape: tuple[int, int], centres: np.ndarray, radius: int) -> np.
     return out
 
 
-__all__ = ["RipuSummary", "impurity", "region_scores", "select_windows", "summarize", "valid_count", "window_mask",
-           "window_sum"]
+def budget_windows(scores: torch.Tensor, radius: int, budget: float) -> np.ndarray:
+    """Merged windows covering ``budget`` of the image: (H, W) int32, 0 outside, i + 1 in the i-th region.
+
+    The windows of the n best centres of ``scores`` (H, W) (ties: row-major order) are painted, n
+    the count whose union is closest to ``budget * H * W`` pixels; the union only grows with n
+    (by at most (2r+1)^2 pixels per centre), so n is found by bisection, one dilation per step,
+    and the share is within half a window of the budget. Overlapping or touching windows form one
+    region (8-connected components); regions are numbered by their best centre.
+    """
+    budget = check_budget(budget)
+    a = scores.detach().double().cpu().numpy()  # (H, W)
+    h, w = a.shape
+    order = np.argsort(-a.reshape(-1), kind="stable")  # (H*W,) centres, best first
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    target = budget * h * w
+
+    def union(n: int) -> np.ndarray:
+        centres = np.zeros(h * w, np.uint8)
+        centres[order[:n]] = 1
+        return cv2.dilate(centres.reshape(h, w), kernel)  # (H, W) 0/1: the windows of the first n centres
+
+    lo, hi = 1, h * w  # the smallest n whose union reaches target lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(union(mid).sum()) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    covered = union(lo)
+    if lo > 1:
+        fewer = union(lo - 1)
+        if target - int(fewer.sum()) < int(covered.sum()) - target:  # one centre less is strictly closer
+            lo, covered = lo - 1, fewer
+    count, components = cv2.connectedComponents(covered, connectivity=8)  # (H, W) int32, 0 = outside
+    owner = components.reshape(-1)[order[:lo]]  # (n,) the region of each centre, best centre first
+    regions, first = np.unique(owner, return_index=True)
+    lut = np.zeros(count, np.int32)
+    lut[regions[np.argsort(first)]] = np.arange(1, regions.size + 1, dtype=np.int32)
+    return lut[components]
+
+
+__all__ = ["RipuSummary", "budget_windows", "impurity", "region_scores", "select_windows", "summarize", "valid_count",
+           "window_mask", "window_sum"]

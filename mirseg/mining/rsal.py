@@ -13,8 +13,9 @@ Per image and superpixel j: ``s_j`` = mean per-pixel uncertainty (BvSB ``p2/p1``
 ``w_c = exp(-n_c / N)``, ``n_c`` the number of superpixels of the pool whose dominant class is c,
 N their total (the official code's ``is_bal``). An image takes its ``topk`` best superpixels,
 then every further one scoring at least the threshold tau; its score is the **sum** of the taken
-scores (so an image with many valuable regions ranks high), and the taken superpixels are the
-regions shown to the labeller.
+scores (so an image with many valuable regions ranks high). The labeller is shown whole
+superpixels in the same order, as many as cover ``region_budget`` of the image
+(:func:`mirseg.mining.regions.take_budget` over :attr:`RsalPool.ranked`).
 
 How this differs from the original image (algorithms.md §1.5-1.7, §8):
 
@@ -106,10 +107,15 @@ def threshold(scores: np.ndarray, max_kept: int, topk: int) -> float:
     return float(np.partition(scores, r - m)[r - m])
 
 
+def ranking(scores: np.ndarray) -> np.ndarray:
+    """An image's superpixel labels by score, best first (ties: lower label first): (K,) int32."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable").astype(np.int32)
+
+
 def choose(scores: np.ndarray, topk: int, tau: float) -> np.ndarray:
     """Indices of the superpixels an image takes, best first: its ``topk`` best, then every further one >= tau."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")  # ties: lower label first
-    ranked = scores[order]
+    order = ranking(scores)
+    ranked = np.asarray(scores, dtype=np.float64)[order]
     extra = int(np.count_nonzero(ranked[topk:] >= tau))  # sorted, so the ones >= tau form a prefix
     return order[:topk + extra]
 
@@ -122,6 +128,7 @@ class RsalPool:
     chosen: list[np.ndarray]  # per image: chosen superpixel labels, best first
     weights: np.ndarray  # (C,) class weights (ones without class balance)
     threshold: float  # tau
+    ranked: list[np.ndarray]  # per image: every superpixel label, best first ((K,) int32; ``chosen`` is a prefix)
 
 
 def score_pool(summaries: Sequence[RsalSummary], num_classes: int, topk: int = 3, max_kept: int = 5000,
@@ -134,7 +141,7 @@ def score_pool(summaries: Sequence[RsalSummary], num_classes: int, topk: int = 3
     tau = threshold(np.concatenate(weighted) if weighted else np.zeros(0), max_kept, topk)
     chosen = [choose(w, topk, tau) for w in weighted]
     scores = np.array([float(w[c].sum()) for w, c in zip(weighted, chosen)], dtype=np.float64)
-    return RsalPool(scores, chosen, weights, tau)
+    return RsalPool(scores, chosen, weights, tau, [ranking(w) for w in weighted])
 
 
-__all__ = ["RsalPool", "RsalSummary", "choose", "class_weights", "score_pool", "summarize", "threshold"]
+__all__ = ["RsalPool", "RsalSummary", "choose", "class_weights", "ranking", "score_pool", "summarize", "threshold"]
