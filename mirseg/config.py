@@ -269,7 +269,7 @@ class MineConfig:
     seed: int = 0  # random baseline and power sampling
     save_masks: bool = False  # masks/ and overlays/ of the chosen regions for the top max_kept_mining_image
     max_saved_masks: int = 1000  # save_masks: at most this many images (each costs one more forward pass)
-    region_budget: float = 0.022  # save_masks: share of an image its mask covers (RIPU's region budget, 2.2 %)
+    region_budget: float = 0.022  # save_masks: share of each image its mask covers, in whole regions (RIPU's 2.2 %)
     report: bool = False  # write report.html (top images with their regions, score histogram); implies save_masks
     resume: bool = False  # continue the interrupted run in out_dir, skipping its finished images; false: start over
 

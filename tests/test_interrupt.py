@@ -396,7 +396,7 @@ def test_every_mining_summary_survives_the_journal_exactly(name, trained_fastscn
     assert repr(back) == repr(summary)
 
 
-MINE_KEYS = ["workers_per_gpu=0", "samples_per_gpu=3", "save_masks=true", "max_superpixel_per_image=64",
+MINE_KEYS = ["workers_per_gpu=0", "samples_per_gpu=3", "report=true", "max_superpixel_per_image=64",
              "max_kept_mining_image=10"]
 
 
@@ -407,6 +407,7 @@ def mine_reference(trained_fastscnn, pool, tmp_path_factory):
                                    "images": str(pool), "out_dir": str(out)}))
     tree = _tree(out)
     assert len([k for k in tree if k.startswith("masks/")]) == 10
+    assert "report.html" in tree and len([k for k in tree if k.startswith("thumbs/")]) == 10  # report=true
     return tree
 
 

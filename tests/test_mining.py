@@ -420,9 +420,17 @@ def test_rsal_ranking_starts_with_the_superpixels_that_make_the_score():
         assert ranked[:len(chosen)].tolist() == chosen.tolist()
 
 
-def test_region_budget_is_checked():
+def test_region_budget_is_checked(tmp_path, caplog):
+    from mirseg.cli import main
+    from mirseg.errors import EXIT_ERROR
+
     with pytest.raises(ValueError, match="region_budget"):
         MiningParams(region_budget=1.5)
+    # On the command line: exit 2 with one line naming the key and the range, before anything is loaded.
+    assert main(["mine", str(tmp_path / "none.pth"), str(tmp_path), "region_budget=0", f"out_dir={tmp_path}/o"]) \
+        == EXIT_ERROR
+    assert "region_budget is the share of an image's pixels a mask covers: in (0, 1], got 0.0" in caplog.text
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------
