@@ -41,11 +41,15 @@ import numpy as np
 
 from mirseg import interrupt
 from mirseg.config import MineConfig, check_output_dirs
+from mirseg.data.images import ImageError, read_image, write_image
+from mirseg.data.sources import list_images
 from mirseg.errors import ConfigError, Interrupted
 from mirseg.fileio import write_atomic
-from mirseg.infer import JOURNAL, Predictor, iter_predictions, list_images, load_predictor, output_names
+from mirseg.infer import JOURNAL, iter_predictions, load_predictor
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
+from mirseg.outputs import output_names
+from mirseg.predict import Predictor
 
 log = logging.getLogger("mirseg")
 
@@ -93,13 +97,6 @@ def _unique(paths: Sequence[str]) -> list[str]:
     if len(out) < len(paths):
         log.warning("%d candidate paths are listed more than once; each is ranked once", len(paths) - len(out))
     return out
-
-
-def _encode(ext: str, image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(ext, image, [cv2.IMWRITE_JPEG_QUALITY, 90] if ext == ".jpg" else [])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {ext} of shape {image.shape}")
-    return buf.tobytes()
 
 
 _SUMMARY_TYPES = {cls.__name__: cls for cls in (rsal.RsalSummary, ripu.RipuSummary)}
@@ -186,8 +183,6 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
 def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str], out_dir: Path,
           progress: Callable[[float], None] | None, predictor: Predictor | None, stop: interrupt.StopRequest,
           journal: interrupt.Journal) -> MineResult:
-    from mirseg.data.images import ImageError, read_image
-
     report = progress or (lambda _: None)
     share = 0.9 if cfg.save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
 
@@ -296,9 +291,8 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor, cfg: M
         name = names[i]
         mask_path = out_dir / "masks" / f"{name}.png"
         overlay_path = out_dir / "overlays" / f"{name}.jpg"
-        write_atomic(mask_path, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
-        picture = draw_regions(pred.original, regions)
-        write_atomic(overlay_path, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+        write_image(mask_path, np.where(regions > 0, 255, 0).astype(np.uint8))
+        write_image(overlay_path, draw_regions(pred.original, regions))
         written.append(mask_path)
         index_lines.append(f"{pred.path}\tmasks/{mask_path.name}\toverlays/{overlay_path.name}\n")
         journal.append({"kind": "mask", "path": pred.path, "mask": f"masks/{mask_path.name}", "line": index_lines[-1]})

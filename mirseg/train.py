@@ -36,9 +36,9 @@ from mirseg.data.images import opencv_threads
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
-from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
+from mirseg.predict import predict_logits
 
 log = logging.getLogger("mirseg")
 

@@ -19,18 +19,11 @@ from torch import nn
 from mirseg.cli import main
 from mirseg.coco_result import CocoResultWriter, encode_mask, mask_bbox
 from mirseg.config import InferConfig, build_config
-from mirseg.infer import (
-    iter_predictions,
-    label_map,
-    list_images,
-    load_predictor,
-    output_names,
-    predict_logits,
-    predict_proba,
-    run_inference,
-    sliding_window,
-)
+from mirseg.data.sources import list_images
+from mirseg.infer import iter_predictions, load_predictor, run_inference
 from mirseg.models import build_model
+from mirseg.outputs import output_names
+from mirseg.predict import label_map, predict_logits, predict_proba, sliding_window
 from mirseg.visualize import PALETTE
 
 
@@ -411,7 +404,8 @@ def test_loader_workers_start_after_opencv_ran_its_thread_pool(trained_fastscnn)
     ckpt, _, val = trained_fastscnn
     script = f"""
 import cv2, numpy as np
-from mirseg.infer import iter_predictions, list_images, load_predictor
+from mirseg.data.sources import list_images
+from mirseg.infer import iter_predictions, load_predictor
 a = np.random.default_rng(0).random((1024, 1024, 3), dtype=np.float32)
 for _ in range(3):
     cv2.GaussianBlur(a, (0, 0), 3)  # multi-threaded: OpenCV's pool now runs in this process
