@@ -19,8 +19,8 @@ from mirseg.cli import main
 from mirseg.data.synthetic import STREET_CLASSES, make_street_dataset
 from mirseg.errors import ConfigError
 from mirseg.visualize import PALETTE
-from mirseg.ymir.executor import _annotation_file
 from mirseg.ymir.protocol import read_env, read_index
+from mirseg.ymir.training import _annotation_file
 
 CLASSES = ["background", *STREET_CLASSES]
 TINY = dataclasses.replace(demo.QUICK, train=4, val=2, pool=4, iters=4, ymir_iters=2)
