@@ -21,10 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from mirseg.coerce import coerce, field_help, field_types, parse_overrides, read_yaml_mapping
+from mirseg.coerce import coerce, field_types, parse_overrides, read_yaml_mapping
 from mirseg.errors import ConfigError
 from mirseg.fileio import write_atomic
-from mirseg.presets import MMSEG_CONFIGS, PRESETS, Preset, resolve_preset
+from mirseg.presets import Preset, resolve_preset
 
 # ---------------------------------------------------------------------------------------------
 # The training configuration.
@@ -361,7 +361,5 @@ def save_config(cfg: Any, path: str | Path) -> None:
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["EVAL_KEYS", "PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig",
-           "build_config", "check_keys", "check_output_dir", "check_output_dirs", "eval_config", "field_help",
-           "field_types", "load_config", "parse_overrides", "read_yaml_mapping", "resolve_preset", "save_config",
-           "to_dict"]
+__all__ = ["EVAL_KEYS", "InferConfig", "MineConfig", "TrainConfig", "build_config", "check_keys", "check_output_dir",
+           "check_output_dirs", "eval_config", "load_config", "save_config", "to_dict"]

@@ -25,6 +25,8 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from mirseg import dist, interrupt, pretrained
 from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, read_checkpoint
@@ -39,6 +41,7 @@ from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileErro
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
 from mirseg.predict import predict_logits
+from mirseg.visualize import colorize
 
 log = logging.getLogger("mirseg")
 
@@ -305,8 +308,6 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     if rt.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, work_dir / "config.yaml")
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
         log.info("training %s on %d images (%d classes: %s), validating on %d; %d iterations of batch %d on %s",
                  cfg.model, len(train_set), num_classes, ", ".join(class_names), len(val_set), cfg.max_iters,
@@ -315,8 +316,6 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     last_metrics: dict[str, Any] = {}
     bar = None
     if rt.is_main:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
                    mininterval=2.0)
     model.train()
@@ -476,8 +475,6 @@ def _stop_training(signum: int, done: int, saved_at: int, cfg: TrainConfig, rt: 
 def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime,
                      step: int, count: int = 3) -> None:
     """A few validation images with ground truth and prediction side by side, as TensorBoard images."""
-    from mirseg.visualize import colorize
-
     for i in range(min(count, len(val_set))):
         image, label = val_set.load(i)  # (H, W, 3) uint8, (H, W) uint8
         tensor, _ = val_set[i]
