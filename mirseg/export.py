@@ -11,7 +11,8 @@ convolutions) with one input and one output:
 
 The metadata (class names, background index, preprocessing, test scale and mode) is written beside
 the model as ``<output>.json`` and also embedded: ONNX ``metadata_props["mirseg"]``, TorchScript
-extra file ``mirseg.json``.
+extra file ``mirseg.json``. Reading and running an export (its metadata, ONNX Runtime, TorchScript) is
+:mod:`mirseg.exported`.
 
 Both exports trace the network (the ONNX exporter is the TorchScript-based one, which needs no
 extra packages): Python control flow is frozen at the example input's shapes. Two places of our
