@@ -54,8 +54,9 @@ from mirseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from mirseg.errors import ConfigError, DependencyError
 from mirseg.exported import METADATA_KEY, load_torchscript, ort_session
 from mirseg.fileio import atomic_path, write_atomic
-from mirseg.infer import Predictor, load_predictor
+from mirseg.infer import load_predictor
 from mirseg.models._blocks import resize as _resize
+from mirseg.predict import Predictor
 
 log = logging.getLogger("mirseg")
 
