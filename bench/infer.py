@@ -37,10 +37,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
-from mirseg.export import export, onnx_predictor  # noqa: E402
+from mirseg.export import export  # noqa: E402
+from mirseg.exported import OnnxModule, onnx_predictor  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
-from mirseg.infer import autocast_dtype, load_predictor, run_inference  # noqa: E402
+from mirseg.infer import load_predictor, run_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
+from mirseg.predict import autocast_dtype  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -83,7 +85,6 @@ def median_ms(fn, repeat: int) -> float:
 
 def forward_fn(predictor, amp: bool, x: torch.Tensor):
     """One forward pass of the predictor's network on ``x`` (1, 3, H, W), as a no-argument function."""
-    from mirseg.export import OnnxModule
 
     if isinstance(predictor.model, OnnxModule):
         session, x_np = predictor.model.session, x.cpu().numpy()

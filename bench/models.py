@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mirseg.constants import IGNORE_INDEX  # noqa: E402
-from mirseg.infer import prepare_for_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
+from mirseg.predict import prepare_for_inference  # noqa: E402
 
 
 def median_time(fn, repeat: int) -> float:

@@ -33,9 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mirseg import pretrained  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
-from mirseg.config import PRESETS, TrainConfig, build_config  # noqa: E402
+from mirseg.config import TrainConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_street_dataset  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
+from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",

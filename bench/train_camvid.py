@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mirseg.config import PRESETS, TrainConfig, build_config  # noqa: E402
+from mirseg.config import TrainConfig, build_config  # noqa: E402
+from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",

@@ -9,6 +9,7 @@ and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -16,7 +17,13 @@ import re
 import sys
 
 from mirseg import __version__
+from mirseg.coerce import field_help, parse_overrides
+from mirseg.config import InferConfig, MineConfig, TrainConfig, eval_config, load_config
 from mirseg.errors import EXIT_ERROR, ConfigError, Interrupted, MirsegError
+from mirseg.presets import MMSEG_CONFIGS, PRESETS
+
+# Each command imports its module (and with it torch, ~3 s) inside its function, so that `mirseg --help`,
+# a usage error or a config error answers at once: these are the only imports inside functions here.
 
 log = logging.getLogger("mirseg")
 
@@ -56,7 +63,6 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from mirseg.config import MMSEG_CONFIGS, PRESETS
     from mirseg.models import build_model
 
     print(f"{'preset':26} {'model':20} {'params (M)':>10}  crop      test")
@@ -72,10 +78,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _config_epilog(cls: type) -> str:
     """Every config key with its default and its comment, for ``--help``."""
-    import dataclasses
-
-    from mirseg.config import field_help
-
     helps = field_help(cls)
     lines = ["configuration keys (key=value on the command line, or in the YAML file):"]
     for f in dataclasses.fields(cls):
@@ -93,8 +95,6 @@ def _yaml_file(path: str | None) -> str | None:
 
 
 def _train_config(args: argparse.Namespace):
-    from mirseg.config import TrainConfig, load_config, parse_overrides
-
     overrides = parse_overrides(args.overrides)
     if args.resume:
         overrides["resume"] = True
@@ -115,7 +115,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mirseg.checkpoint import read_checkpoint
-    from mirseg.config import eval_config
     from mirseg.train import evaluate_checkpoint
 
     # The checkpoint's own config (test scale, mode, background mode) is the default; whether to trust
@@ -131,15 +130,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _job_config(cls: type, args: argparse.Namespace):
     """An InferConfig/MineConfig from ``--config`` YAML, then the positionals, then ``key=value``."""
-    from mirseg.config import load_config, parse_overrides
-
     overrides = {"checkpoint": args.checkpoint, "images": args.images, **parse_overrides(args.overrides)}
     cfg = load_config(cls, args.config, overrides)
     return cfg
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from mirseg.config import InferConfig
     from mirseg.infer import run_inference
 
     result = run_inference(_job_config(InferConfig, args))
@@ -149,7 +145,6 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_mine(args: argparse.Namespace) -> int:
-    from mirseg.config import MineConfig
     from mirseg.mine import mine
 
     result = mine(_job_config(MineConfig, args))
@@ -214,8 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", action="store_true", help="also list the mmseg config paths accepted")
     p.set_defaults(func=_cmd_models)
 
-    from mirseg.config import TrainConfig
-
     p = sub.add_parser(
         "train", help="train a network on COCO or label-PNG data",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(TrainConfig),
@@ -238,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file of configuration keys (optional)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys (val_ann=..., ...)")
     p.set_defaults(func=_cmd_eval)
-
-    from mirseg.config import InferConfig, MineConfig
 
     _add_job_parser(sub, "infer", InferConfig, _cmd_infer, "predict label maps, overlays and COCO RLE for images",
                     "mirseg infer runs/train/best.pth photos/ out_dir=runs/infer save_overlay=true")

@@ -4,8 +4,9 @@ Key names follow the original YMIR image's hyper-parameters wherever one exists
 (``config_file``, ``samples_per_gpu``, ``max_iters``, ``interval``, ``ignore_blank_area``, ...).
 A key the command does not use is a ``ConfigError`` with a "did you mean" hint and the command's
 keys (:func:`check_keys`, also for ``mirseg eval``'s :data:`EVAL_KEYS` and the YMIR task configs);
-values are coerced to the field's type (the YMIR web form sends numbers and booleans as strings) or
-rejected with the key named; output folders are checked before any work (:func:`check_output_dir`).
+values are coerced to the field's type (:mod:`mirseg.coerce`: the YMIR web form sends numbers and
+booleans as strings) or rejected with the key named; output folders are checked before any work
+(:func:`check_output_dir`). The presets ``config_file`` names are :mod:`mirseg.presets`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
-import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,89 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from mirseg.errors import ConfigError, MissingFileError
+from mirseg.coerce import coerce, field_types, parse_overrides, read_yaml_mapping
+from mirseg.errors import ConfigError
 from mirseg.fileio import write_atomic
-
-# ---------------------------------------------------------------------------------------------
-# Presets: one per architecture and crop, with the numbers of the mmseg config they mirror.
-
-
-@dataclass(frozen=True)
-class Preset:
-    """What an mmseg config fixes: architecture, crop, scales, optimiser and test mode."""
-
-    model: str
-    crop_size: tuple[int, int] = (512, 1024)  # (h, w)
-    img_scale: tuple[int, int] = (2048, 1024)  # (w, h): train resize base and test scale
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-    batch_size: int = 8  # total batch the schedule was designed for (GPUs x samples_per_gpu)
-    max_iters: int = 80000  # the config's nominal schedule
-    test_mode: Literal["whole", "slide"] = "whole"
-    slide_stride: tuple[int, int] = (513, 513)
-
-
-_P769 = dict(crop_size=(769, 769), img_scale=(2049, 1025), test_mode="slide")
-
-PRESETS: dict[str, Preset] = {
-    "fastscnn": Preset("fastscnn", lr=0.12, weight_decay=4e-5, batch_size=32, max_iters=160000),
-    "deeplabv3plus_r18": Preset("deeplabv3plus_r18"),
-    "deeplabv3plus_r18_769": Preset("deeplabv3plus_r18", **_P769),
-    "deeplabv3plus_r18b": Preset("deeplabv3plus_r18b"),
-    "deeplabv3plus_r18b_769": Preset("deeplabv3plus_r18b", **_P769),
-    "deeplabv3plus_r50": Preset("deeplabv3plus_r50", max_iters=40000),
-    "deeplabv3plus_r50_769": Preset("deeplabv3plus_r50", max_iters=40000, **_P769),
-    "hrnet_w18s": Preset("hrnet_w18s", max_iters=40000),
-    "hrnet_w18": Preset("hrnet_w18", max_iters=40000),
-    "ocrnet_hr18s": Preset("ocrnet_hr18s", max_iters=40000),
-    "ocrnet_hr18": Preset("ocrnet_hr18", max_iters=40000),
-}
-
-
-def _mmseg_config_paths() -> dict[str, tuple[str, int]]:
-    """The original image's mmseg config paths -> (preset, nominal max_iters)."""
-    table: dict[str, tuple[str, int]] = {
-        "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py": ("fastscnn", 160000),
-        "configs/deeplabv3plus/deeplabv3plus_r50-d8_512x1024_40k_cityscapes.py": ("deeplabv3plus_r50", 40000),
-        "configs/deeplabv3plus/deeplabv3plus_r50-d8_769x769_40k_cityscapes.py": ("deeplabv3plus_r50_769", 40000),
-        "configs/deeplabv3plus/deeplabv3plus_r18-d8_512x1024_80k_cityscapes.py": ("deeplabv3plus_r18", 80000),
-        "configs/deeplabv3plus/deeplabv3plus_r18-d8_769x769_80k_cityscapes.py": ("deeplabv3plus_r18_769", 80000),
-        "configs/deeplabv3plus/deeplabv3plus_r18b-d8_512x1024_80k_cityscapes.py": ("deeplabv3plus_r18b", 80000),
-        "configs/deeplabv3plus/deeplabv3plus_r18b-d8_769x769_80k_cityscapes.py": ("deeplabv3plus_r18b_769", 80000),
-    }
-    for iters in (40, 80, 160):
-        for arch, stem in (("hrnet_w18s", "fcn_hr18s"), ("hrnet_w18", "fcn_hr18")):
-            table[f"configs/hrnet/{stem}_512x1024_{iters}k_cityscapes.py"] = (arch, iters * 1000)
-        for arch in ("ocrnet_hr18s", "ocrnet_hr18"):
-            short = arch.replace("ocrnet_", "")
-            table[f"configs/ocrnet/ocrnet_{short}_512x1024_{iters}k_cityscapes.py"] = (arch, iters * 1000)
-    return table
-
-
-MMSEG_CONFIGS = _mmseg_config_paths()
-
-
-def resolve_preset(config_file: str) -> Preset:
-    """A preset from its name or from one of the original image's mmseg config paths."""
-    key = config_file.strip()
-    if key in PRESETS:
-        return PRESETS[key]
-    # Accept the path with or without a leading "./" or a repository prefix before "configs/".
-    norm = key.replace("\\", "/")
-    if "configs/" in norm:
-        norm = "configs/" + norm.split("configs/", 1)[1]
-    if norm in MMSEG_CONFIGS:
-        name, iters = MMSEG_CONFIGS[norm]
-        return dataclasses.replace(PRESETS[name], max_iters=iters)
-    choices = list(PRESETS) + list(MMSEG_CONFIGS)
-    hint = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    raise ConfigError(
-        f"config_file: unknown preset or mmseg config {config_file!r}"
-        + (f"; did you mean {hint[0]!r}?" if hint else "")
-        + f" Presets: {', '.join(PRESETS)}; or one of the original image's config paths, e.g. "
-        "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py"
-    )
-
+from mirseg.presets import Preset, resolve_preset
 
 # ---------------------------------------------------------------------------------------------
 # The training configuration.
@@ -316,110 +236,16 @@ The architecture, the classes and the background mode (``config_file``, ``class_
 ``ignore_blank_area``) come from the checkpoint, so a value for them would be ignored or contradict it.
 """
 
-_EVAL_NOTE = ("eval runs the checkpoint as it was trained: its architecture, classes and ignore_blank_area come "
+EVAL_NOTE = ("eval runs the checkpoint as it was trained: its architecture, classes and ignore_blank_area come "
               "from the checkpoint, and training keys do not apply")
 
 # Keys that name a folder the command writes into.
 OUTPUT_DIR_KEYS = ("work_dir", "tensorboard_dir", "out_dir")
 
 # ---------------------------------------------------------------------------------------------
-# Loading and coercion.
+# Loading.
 
 C = TypeVar("C")
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0", ""}
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` converted to annotation ``tp``, or a ConfigError that names ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[-1] if errors else f"{key}: cannot use {value!r}")
-    if origin is Literal:
-        text = str(value).strip().lower() if isinstance(value, str) else value
-        if text in args:
-            return text
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
-    if origin is tuple:
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                parsed = yaml.safe_load(text) if text else []
-            except (yaml.YAMLError, RecursionError):
-                parsed = None
-            value = parsed if isinstance(parsed, list) else [p for p in text.replace(",", " ").split()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(key, v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value  # exact, however large (float() would overflow)
-        try:
-            f = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list, tuple, set)):
-            raise ConfigError(f"{key}: expected text, got {value!r}")
-        return "" if value is None else str(value)
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """The comment after each field in the class source: one place documents a key, for --help and docs."""
-    import inspect
-    import re
-
-    helps: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def check_keys(keys: Iterable[Any], allowed: Iterable[str], source: str, command: str,
                known: Iterable[str] = (), note: str = "") -> None:
     """Every key must be one of ``allowed`` (or an alias of one), else a ConfigError naming each bad key.
@@ -452,59 +278,11 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     types_ = field_types(cls)
     check_keys(values, types_, source, COMMANDS.get(cls, cls.__name__))
     kwargs = {ALIASES.get(key, key): value for key, value in values.items()}
-    kwargs = {key: _coerce(f"{source}: {key}", value, types_[key]) for key, value in kwargs.items()}
+    kwargs = {key: coerce(f"{source}: {key}", value, types_[key]) for key, value in kwargs.items()}
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=0.01", "crop_size=[256,256]"]`` -> dict; values are parsed as YAML scalars/lists."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"argument {item!r} is not key=value (e.g. max_iters=1000)")
-        text = text.strip()
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except (yaml.YAMLError, RecursionError):
-            value = text
-        out[key.strip()] = value
-    return out
-
-
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``key: value`` mapping of a YAML file, with clear errors for a missing or malformed file.
-
-    Raises:
-        MissingFileError: there is no such file.
-        ConfigError: a folder, unreadable, not YAML, or not a mapping with text keys.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a folder, not a YAML file")
-    if not p.is_file():
-        raise MissingFileError(f"config file {p} does not exist")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
-    try:
-        loaded = yaml.safe_load(data)  # bytes: PyYAML detects UTF-8/UTF-16 and rejects bad encodings itself
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
-    except RecursionError:
-        raise ConfigError(f"{p} is nested too deeply to be a config file") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p} must hold a mapping of key: value, not a {type(loaded).__name__}")
-    bad = [k for k in loaded if not isinstance(k, str)]
-    if bad:
-        raise ConfigError(f"{p}: {bad[0]!r} is not a key name; write key: value lines such as 'max_iters: 1000'")
-    return loaded
 
 
 def _user_values(path: str | os.PathLike | None, overrides: list[str] | dict | None, allowed: Iterable[str],
@@ -537,7 +315,7 @@ def eval_config(saved: dict[str, Any], path: str | os.PathLike | None = None,
     Only the user's keys (YAML file and overrides) are checked against :data:`EVAL_KEYS`.
     """
     user = _user_values(path, overrides, EVAL_KEYS, "mirseg eval", known=TrainConfig.__dataclass_fields__,
-                        note=_EVAL_NOTE)
+                        note=EVAL_NOTE)
     # A key an older mirseg saved and this one no longer has must not stop the evaluation.
     known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
     return build_config(TrainConfig, {**known, **user}, str(path) if path else "config")
@@ -585,55 +363,5 @@ def save_config(cfg: Any, path: str | Path) -> None:
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["EVAL_KEYS", "PRESETS", "MMSEG_CONFIGS", "InferConfig", "MineConfig", "Preset", "TrainConfig",
-           "build_config", "check_keys", "check_output_dir", "check_output_dirs", "eval_config", "load_config",
-           "parse_overrides", "read_yaml_mapping", "resolve_preset", "save_config", "to_dict"]
-
-
-def reference_markdown() -> str:
-    """``docs/configuration.md``: every key of every command with its type, default and help.
-
-    Generated from the dataclasses (``python -m mirseg.config > docs/configuration.md``); a test
-    checks that the file is current.
-    """
-    from mirseg.ymir import templates
-
-    out = ["# Configuration reference", "",
-           "Generated by `python -m mirseg.config > docs/configuration.md` from the dataclasses in "
-           "`mirseg/config.py`; do not edit by hand. Keys go in a YAML file or on the command line as `key=value` "
-           "(lists as `[a,b]`). A key the command does not use is an error with a \"did you mean\" hint and the "
-           "command's keys.", ""]
-    sections = [("mirseg train / mirseg eval", TrainConfig), ("mirseg infer", InferConfig), ("mirseg mine", MineConfig)]
-    for title, cls in sections:
-        helps, hints = field_help(cls), typing.get_type_hints(cls)
-        out += [f"## {title}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            tp = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            tp = tp.replace("NoneType", "None").replace("|", "or")
-            default = f.default if f.default is not dataclasses.MISSING else ""
-            out.append(f"| `{f.name}` | {tp} | `{default!r}` | {helps.get(f.name, '').replace('|', '/')} |")
-        out.append("")
-        if cls is TrainConfig:
-            out += ["`mirseg eval` starts from the checkpoint's saved config and takes only "
-                    + ", ".join(f"`{k}`" for k in EVAL_KEYS) + f"; any other key is an error ({_EVAL_NOTE}).", ""]
-    out += ["Aliases: " + ", ".join(f"`{a}` = `{k}`" for a, k in ALIASES.items()) + ".", "",
-            "## Presets (`config_file`)", "", "| preset | network | crop (h, w) | scale (w, h) | lr | weight decay | "
-            "design batch | test mode |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, p in PRESETS.items():
-        out.append(f"| `{name}` | {p.model} | {p.crop_size} | {p.img_scale} | {p.lr} | {p.weight_decay} | "
-                   f"{p.batch_size} | {p.test_mode} |")
-    out += ["", "The original image's mmseg config paths are accepted too and map to these presets:", ""]
-    out += [f"- `{path}` -> `{preset}` ({iters} iterations nominal)" for path, (preset, iters) in MMSEG_CONFIGS.items()]
-    out += ["", "## YMIR task templates", "",
-            "What the platform's forms show (`img-man/*-template.yaml`); every other key of the tables above may be "
-            "added to a training task's config too.", ""]
-    for task, rows in templates.TEMPLATES.items():
-        out += [f"### {task}", "", "| key | default | meaning |", "| --- | --- | --- |"]
-        out += [f"| `{k}` | `{v!r}` | {c} |" for k, v, c in rows]
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")
+__all__ = ["EVAL_KEYS", "InferConfig", "MineConfig", "TrainConfig", "build_config", "check_keys", "check_output_dir",
+           "check_output_dirs", "eval_config", "load_config", "save_config", "to_dict"]

@@ -24,10 +24,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mirseg.data.images import write_image
+from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
+from mirseg.data.images import read_image, write_image
+from mirseg.data.synthetic import make_dataset, make_street_dataset
 from mirseg.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from mirseg.fileio import write_atomic
-from mirseg.visualize import PALETTE
+from mirseg.infer import run_inference
+from mirseg.mine import mine
+from mirseg.train import train
+from mirseg.visualize import PALETTE, colorize
+from mirseg.ymir.executor import run
+from mirseg.ymir.protocol import read_env
+from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
 log = logging.getLogger("mirseg")
 
@@ -58,10 +66,6 @@ def toy_fastscnn(root: str | Path) -> tuple[Path, object, object, dict]:
 
     Returns (best checkpoint, train SyntheticSet, val SyntheticSet, best metrics).
     """
-    from mirseg.config import TrainConfig, build_config
-    from mirseg.data.synthetic import make_dataset
-    from mirseg.train import train
-
     root = Path(root)
     tr = make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True)
     va = make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True)
@@ -151,12 +155,6 @@ def run_demo(out_dir: str | Path = "mirseg-demo", quick: bool = False, seed: int
 
 
 def _run_steps(out: Path, plan: Plan, seed: int, steps: list[str], t0: float) -> DemoResult:
-    from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
-    from mirseg.data.synthetic import make_street_dataset
-    from mirseg.infer import run_inference
-    from mirseg.mine import mine
-    from mirseg.train import train
-
     h, w = plan.size
     steps.append("1/6 data")
     log.info("demo 1/6: generating street scenes (%dx%d) in %s", h, w, out / "data")
@@ -211,8 +209,6 @@ def _run_steps(out: Path, plan: Plan, seed: int, steps: list[str], t0: float) ->
 
 def _ymir_status(env: Path, rc: int) -> str:
     """"ok", or the reason the task failed: the error text the executor left in monitor.txt."""
-    from mirseg.ymir.protocol import read_env
-
     if rc == 0:
         return "ok"
     monitor = read_env(env).monitor_file
@@ -222,9 +218,6 @@ def _ymir_status(env: Path, rc: int) -> str:
 
 def _run_ymir(root: Path, train_set, val_set, pool, plan: Plan, checkpoint: Path) -> dict[str, str]:
     """A YMIR training task and a mining + inference task on the demo data: task -> "ok" or why it failed."""
-    from mirseg.ymir.executor import run
-    from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
-
     images = root / "source"
     coco = ymir_coco([(train_set.ann, train_set.images), (val_set.ann, val_set.images)], train_set.class_names,
                      images)
@@ -301,9 +294,6 @@ def _legend(class_names: Sequence[str], width: int) -> np.ndarray:
 def _contact_sheet(out: Path, val_set, rsal, keep: int, class_names: Sequence[str], width: int = 256) -> Path:
     """Validation rows [image | ground truth | prediction overlay], then the top RSAL picks [image | chosen
     superpixels | picks on the image]; each group under a band of column titles, the class legend at the bottom."""
-    from mirseg.data import read_image
-    from mirseg.visualize import colorize
-
     def row(images: Sequence[np.ndarray]) -> np.ndarray:
         return np.pad(np.concatenate([_fit(x, width) for x in images], 1), ((2, 2), (0, 0), (0, 0)),
                       constant_values=255)

@@ -11,7 +11,8 @@ convolutions) with one input and one output:
 
 The metadata (class names, background index, preprocessing, test scale and mode) is written beside
 the model as ``<output>.json`` and also embedded: ONNX ``metadata_props["mirseg"]``, TorchScript
-extra file ``mirseg.json``.
+extra file ``mirseg.json``. Reading and running an export (its metadata, ONNX Runtime, TorchScript) is
+:mod:`mirseg.exported`.
 
 Both exports trace the network (the ONNX exporter is the TorchScript-based one, which needs no
 extra packages): Python control flow is frozen at the example input's shapes. Two places of our
@@ -31,6 +32,7 @@ difference of the logits must be <= ``atol`` (1e-4) times ``max(1, max |logit|)`
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import logging
@@ -45,17 +47,21 @@ import numpy as np
 import torch
 from torch import nn
 
+import mirseg
+import mirseg.models  # noqa: F401 -- every model module, whose ``resize`` traceable_resize patches
 from mirseg.config import check_output_dir
 from mirseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from mirseg.errors import ConfigError, DependencyError, FileFormatError, MissingFileError
+from mirseg.errors import ConfigError, DependencyError
+from mirseg.exported import METADATA_KEY, load_torchscript, ort_session
 from mirseg.fileio import atomic_path, write_atomic
-from mirseg.infer import Predictor, load_predictor
+from mirseg.infer import load_predictor
+from mirseg.models._blocks import resize as _resize
+from mirseg.predict import Predictor
 
 log = logging.getLogger("mirseg")
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-METADATA_KEY = "mirseg"  # ONNX metadata_props key, and TorchScript extra file "mirseg.json"
 
 
 class LogitsOnly(nn.Module):
@@ -112,12 +118,9 @@ def _always_resize(x: torch.Tensor, size: Any) -> torch.Tensor:
 @contextlib.contextmanager
 def traceable_resize() -> Iterator[None]:
     """While tracing: every model module's ``resize`` interpolates even when sizes match (see the module docstring)."""
-    import mirseg.models  # noqa: F401 -- imports every model module
-    from mirseg.models._blocks import resize as original
-
     patched = []
     for name in list(sys.modules):
-        if name.startswith("mirseg.models.") and getattr(sys.modules[name], "resize", None) is original:
+        if name.startswith("mirseg.models.") and getattr(sys.modules[name], "resize", None) is _resize:
             module = importlib.import_module(name)
             patched.append(module)
             module.resize = _always_resize
@@ -125,13 +128,11 @@ def traceable_resize() -> Iterator[None]:
         yield
     finally:
         for module in patched:
-            module.resize = original
+            module.resize = _resize
 
 
 def metadata(predictor: Predictor, fmt: str, example: tuple[int, int], opset: int | None = None) -> dict[str, Any]:
     """What a deployment needs beside the network: classes, preprocessing, test scale and mode."""
-    import mirseg
-
     meta: dict[str, Any] = {
         "format": f"mirseg-{fmt}", "mirseg_version": mirseg.__version__, "arch": predictor.arch,
         "class_names": list(predictor.class_names), "background_index": predictor.background_index,
@@ -220,7 +221,7 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
         if check:
             cases = _reference(reference, check_shapes(height, width))
             if fmt == "onnx":
-                session = _ort_session(tmp)
+                session = ort_session(tmp)
                 for x, ref in cases:
                     compare("onnxruntime", session.run(["logits"], {"image": x.numpy()})[0], ref, atol)
             else:
@@ -235,8 +236,6 @@ def export(checkpoint: str | os.PathLike, fmt: str = "onnx", output: str | os.Pa
 
 
 def _copy_for_trace(model: nn.Module) -> nn.Module:
-    import copy
-
     model = copy.deepcopy(model).eval()
     _swap_adaptive_pools(model)
     return model
@@ -244,7 +243,7 @@ def _copy_for_trace(model: nn.Module) -> nn.Module:
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int, meta_text: str) -> None:
     try:
-        import onnx
+        import onnx  # optional (mirseg[export]): deferred so mirseg runs without it
     except ImportError:
         raise DependencyError("ONNX export needs the onnx package: pip install 'mirseg[export]' "
                               "(or use --format torchscript)") from None
@@ -255,86 +254,3 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int, 
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta_text
     onnx.save(model, str(path))
-
-
-def _ort_session(path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise DependencyError("checking or running an ONNX model needs onnxruntime: pip install 'mirseg[export]' "
-                              "(or export with --no-check)") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    # Idle ONNX Runtime threads spin by default; in mirseg's pipeline they would take the cores the
-    # image-decoding workers need between two forward passes.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-
-
-def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
-    """Load a TorchScript export on the CPU (quietly: PyTorch marks ``torch.jit.load`` deprecated, it still works)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.load(str(path), map_location="cpu")
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an exported model: the ``<path>.json`` beside it, else the copy embedded in the file."""
-    path = Path(path)
-    side = Path(f"{path}.json")
-    if side.is_file():
-        try:
-            return json.loads(side.read_bytes())
-        except ValueError as exc:
-            raise FileFormatError(
-                f"{side} is not valid JSON ({exc}): export the model again with `mirseg export`") from None
-    if not path.is_file():
-        raise MissingFileError(f"exported model {path} does not exist")
-    if path.suffix == ".onnx":
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if METADATA_KEY in props:
-            return json.loads(props[METADATA_KEY])
-    else:
-        extra = {f"{METADATA_KEY}.json": ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        if extra[f"{METADATA_KEY}.json"]:
-            return json.loads(extra[f"{METADATA_KEY}.json"])
-    raise FileFormatError(f"{path} has no mirseg metadata ({side.name} missing and none embedded); export it with "
-                          "`mirseg export`")
-
-
-class OnnxModule(nn.Module):
-    """An ONNX Runtime session behind the mirseg model interface: ``x (N, 3, H, W)`` -> ``{"out": logits}``."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
-        super().__init__()
-        self.path = str(path)
-        self.session = _ort_session(path, threads, providers)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.session.run(["logits"], {"image": x.detach().float().cpu().contiguous().numpy()})[0]
-        return {"out": torch.from_numpy(logits).to(x.device)}
-
-
-def onnx_predictor(path: str | os.PathLike, img_scale: tuple[int, int] | None = None, test_mode: str | None = None,
-                   slide_crop: tuple[int, int] | None = None, slide_stride: tuple[int, int] | None = None,
-                   threads: int | None = None) -> Predictor:
-    """A :class:`~mirseg.infer.Predictor` that runs an exported ONNX model with ONNX Runtime (CPU).
-
-    Everything else (decoding, resizing, batching, TTA, outputs) is mirseg's, so ``iter_predictions``
-    and ``run_inference`` work unchanged. ``None`` settings come from the model's metadata.
-    """
-    meta = read_metadata(path)
-    if not str(meta.get("format", "")).endswith("onnx"):
-        raise FileFormatError(f"{path} is not an ONNX export of mirseg (metadata format {meta.get('format')!r}): "
-                              "give the .onnx file `mirseg export --format onnx` wrote")
-    return Predictor(
-        model=OnnxModule(path, threads), arch=str(meta["arch"]), class_names=list(meta["class_names"]),
-        ignore_blank_area=bool(meta["ignore_blank_area"]), img_scale=tuple(img_scale or meta["img_scale"]),
-        test_mode=str(test_mode or meta["test_mode"]), slide_crop=tuple(slide_crop or meta["slide_crop"]),
-        slide_stride=tuple(slide_stride or meta["slide_stride"]), device=torch.device("cpu"))

@@ -1,173 +1,51 @@
-"""Prediction: from a checkpoint and image files to probabilities, label maps and result files.
+"""Predictors and ``mirseg infer``: from a checkpoint (or an ONNX export) and image files to result files.
 
-Layers, each used by the next and by mining and the YMIR executor:
+Layers, each used by the next and by mining and the YMIR executor (the maths on tensors is
+:mod:`mirseg.predict`, the per-image result files :mod:`mirseg.outputs`):
 
-* :func:`predict_logits` / :func:`sliding_window` / :func:`predict_proba`: the math on a normalised
-  batch (whole image or mmseg's sliding window; softmax always in fp32).
-* :func:`load_predictor` -> :class:`Predictor`: a checkpoint's network, ready to run (eval, BatchNorm
-  folded, channels-last, on its device), with the test scale and mode it was evaluated with.
+* :func:`load_predictor` -> :class:`mirseg.predict.Predictor`: a checkpoint's network, ready to run
+  (eval, BatchNorm folded, channels-last, on its device), with the test scale and mode it was
+  evaluated with (:func:`mirseg.exported.onnx_predictor`: the same for an ONNX export).
 * :func:`iter_predictions`: image paths -> one :class:`ImagePrediction` per path, in input order,
   with the softmax at the working resolution (keep-ratio ``img_scale``). Images are decoded and
   resized in DataLoader worker processes; a batch only stacks images of the same working size,
   so there is never padding and batching cannot change a result; test-time flip and multi-scale
-  average the probabilities; an unreadable image yields an entry with ``error`` set.
+  average the probabilities (:func:`mirseg.predict.predict_batch`); an unreadable image yields an
+  entry with ``error`` set.
 * :func:`run_inference`: ``mirseg infer``: label / colour PNGs, overlays, ``.npy`` probabilities and
-  a COCO RLE JSON, streamed to disk one image at a time.
-
-**Original-size results resize probabilities, not logits.** The working-resolution softmax is the
-one tensor that inference, mining and the YMIR executor share, and test-time augmentation
-averages probabilities (as mmseg's ``aug_test`` does), so the original-size label map is
-``argmax(bilinear(proba))`` in every path. mmseg's single-scale path resizes logits before the
-softmax; the two differ only in where a class boundary falls inside a pixel.
+  a COCO RLE JSON, streamed to disk one image at a time. Original-size results resize the
+  probabilities (:func:`mirseg.predict.label_map`), as ``mirseg eval`` does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from mirseg import interrupt
+from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, read_checkpoint
+from mirseg.coco_result import CocoResultWriter
 from mirseg.config import InferConfig, check_output_dirs
-from mirseg.data.images import opencv_threads
-from mirseg.errors import ConfigError, Interrupted, MissingFileError
-from mirseg.fileio import AtomicFile, atomic_path, write_atomic
+from mirseg.data.images import ImageError, opencv_threads, read_image
+from mirseg.data.sources import list_images
+from mirseg.data.transforms import normalize, rescale_size, resize_pair
+from mirseg.dist import pick_device
+from mirseg.errors import ConfigError, Interrupted
+from mirseg.exported import onnx_predictor
+from mirseg.fileio import AtomicFile, write_atomic
+from mirseg.models import build_model
+from mirseg.outputs import ImageOutputs, output_names
+from mirseg.predict import Predictor, autocast_dtype, predict_batch, prepare_for_inference
+from mirseg.presets import resolve_preset
 
 log = logging.getLogger("mirseg")
-
-
-def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
-    """Start/end of the windows along one axis, mmseg's way: a grid, the last clipped to the border."""
-    n = max(size - crop + stride - 1, 0) // stride + 1
-    spans = []
-    for i in range(n):
-        end = min(i * stride + crop, size)
-        spans.append((max(end - crop, 0), end))
-    return spans
-
-
-def sliding_window(
-    model: nn.Module,
-    images: torch.Tensor,
-    crop_size: tuple[int, int],
-    stride: tuple[int, int],
-    max_batch: int = 8,
-) -> torch.Tensor:
-    """Logits ``(N, C, H, W)`` averaged over overlapping windows (mmseg ``slide_inference``).
-
-    Windows of ``crop_size`` step by ``stride``; the last window of a row/column is shifted back to
-    end at the border; an image smaller than the crop is one window. Window logits are summed and
-    divided by the per-pixel window count. All windows have the same size, so they are run
-    ``max_batch`` images at a time.
-    """
-    n, _, h, w = images.shape
-    boxes = [(y0, y1, x0, x1) for y0, y1 in _windows(h, crop_size[0], stride[0])
-             for x0, x1 in _windows(w, crop_size[1], stride[1])]
-    crops = torch.cat([images[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # (B*N, 3, hc, wc)
-    outs = [model(chunk)["out"] for chunk in crops.split(max(max_batch, 1))]
-    logits = torch.cat(outs).float()  # (B*N, C, hc, wc)
-    total = logits.new_zeros((n, logits.shape[1], h, w))
-    count = logits.new_zeros((1, 1, h, w))
-    for i, (y0, y1, x0, x1) in enumerate(boxes):
-        total[:, :, y0:y1, x0:x1] += logits[i * n:(i + 1) * n]
-        count[:, :, y0:y1, x0:x1] += 1
-    return total / count
-
-
-def predict_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    mode: Literal["whole", "slide"] = "whole",
-    crop_size: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Logits ``(N, C, H, W)`` of a normalised batch ``(N, 3, H, W)``, in eval mode, no grad.
-
-    ``mode="whole"`` runs the model once; ``"slide"`` uses :func:`sliding_window` with ``crop_size``
-    and ``stride`` given as (h, w).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            if mode == "whole":
-                return model(images)["out"].float()
-            if mode == "slide":
-                if crop_size is None or stride is None:
-                    raise ConfigError("slide mode needs crop_size and stride, e.g. (769, 769) and (513, 513)")
-                if min(stride) < 1 or min(crop_size) < 1:
-                    raise ConfigError(f"crop_size {crop_size} and stride {stride} must be positive")
-                return sliding_window(model, images, tuple(crop_size), tuple(stride))
-            raise ConfigError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
-    finally:
-        model.train(was_training)
-
-
-def predict_proba(logits: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Softmax probabilities (fp32), optionally bilinearly resized to ``size`` first."""
-    logits = logits.float()
-    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits.softmax(dim=1)
-
-
-def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """Eval mode, BatchNorm folded into convs, and (by default) channels-last memory layout.
-
-    Folding removes one memory pass per conv; channels-last lets oneDNN (CPU) and cuDNN (CUDA)
-    pick their fastest kernels. Inputs should then be made channels-last too (``to_model_layout``).
-    The model is changed in place and can no longer be trained.
-    """
-    from mirseg.models._blocks import fuse_conv_bn
-
-    model.eval()
-    fuse_conv_bn(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# The shared prediction API: Predictor, load_predictor, list_images, iter_predictions.
-
-
-@dataclass
-class Predictor:
-    """A checkpoint's network ready to predict, with the test scale and mode it was evaluated with."""
-
-    model: nn.Module  # eval, BN folded, channels-last, on ``device``; returns {"out": logits (N, C, H, W)}
-    arch: str  # key of mirseg.models.MODELS
-    class_names: list[str]  # the model's classes (background first when the model has one)
-    ignore_blank_area: bool  # true: the model has no background class
-    img_scale: tuple[int, int]  # (w, h) keep-ratio working scale
-    test_mode: str  # "whole" | "slide"
-    slide_crop: tuple[int, int]  # (h, w)
-    slide_stride: tuple[int, int]  # (h, w)
-    device: torch.device
-
-    @property
-    def background_index(self) -> int | None:
-        """0 when the model has a background class (unannotated pixels), else None."""
-        from mirseg.constants import BACKGROUND
-
-        if not self.ignore_blank_area and self.class_names and self.class_names[0] == BACKGROUND:
-            return 0
-        return None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 def _pair(key: str, value: Any) -> tuple[int, int]:
@@ -199,11 +77,6 @@ def load_predictor(
     2048x1024, whole image; slide with 769x769 windows for the ``_769`` presets).
     ``trust_checkpoint``: load with full unpickling (see :func:`mirseg.checkpoint.read_checkpoint`).
     """
-    from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, read_checkpoint
-    from mirseg.config import resolve_preset
-    from mirseg.dist import pick_device
-    from mirseg.models import build_model
-
     ckpt = read_checkpoint(checkpoint, trust_checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT or "arch" not in ckpt or not ckpt.get("class_names"):
         raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no architecture and class names); "
@@ -231,41 +104,6 @@ def load_predictor(
     return Predictor(model=model, arch=arch, class_names=class_names,
                      ignore_blank_area=bool(ckpt.get("ignore_blank_area", False)), img_scale=img_scale,
                      test_mode=test_mode, slide_crop=slide_crop, slide_stride=slide_stride, device=dev)
-
-
-def list_images(spec: str | os.PathLike) -> list[str]:
-    """Image paths from a folder (recursive, sorted, image suffixes only), a glob pattern (sorted;
-    ``**`` recurses), a list file (``.txt``/``.tsv``/``.lst``/``.list``: one path per line, first
-    tab-separated column, relative to the list file, ``#`` comments) or a single image file.
-    """
-    from mirseg.data.images import IMAGE_EXTENSIONS
-    from mirseg.data.sources import LIST_SUFFIXES, image_source
-
-    text = str(spec)
-    if not text.strip():
-        raise ConfigError("images is empty: give an image folder, a glob pattern such as 'photos/*.jpg', "
-                         "or a text file listing image paths")
-    p = Path(text)
-    if p.is_dir():
-        paths = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-        kind = "folder"
-    elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
-        paths = list(image_source(text))  # every listed path is kept: an unreadable one is reported later
-        kind = "list file"
-    elif p.is_file():
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise ConfigError(f"{p} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a list file "
-                             f"({', '.join(LIST_SUFFIXES)})")
-        paths, kind = [text], "file"
-    elif glob.has_magic(text):
-        paths = sorted(f for f in glob.glob(text, recursive=True)
-                       if Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(f))
-        kind = "glob pattern"
-    else:
-        raise MissingFileError(f"image folder, list file or image {p} does not exist")
-    if not paths:
-        raise ConfigError(f"no images found by {kind} {text!r} (image suffixes: {', '.join(IMAGE_EXTENSIONS)})")
-    return paths
 
 
 @dataclass
@@ -313,9 +151,6 @@ class _ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> _Loaded:
-        from mirseg.data.images import ImageError, read_image
-        from mirseg.data.transforms import normalize, rescale_size, resize_pair
-
         path = str(self.paths[index])
         try:
             image = read_image(path)  # (H, W, 3) uint8 RGB
@@ -342,41 +177,12 @@ def _identity(item: _Loaded) -> _Loaded:
     return item
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` on ``device``: fp16 on CUDA, bf16 on a CPU with native bf16, else None."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu":
-        # Without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32: keep fp32 there.
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-        log.warning("amp: this CPU has no native bfloat16 support; running in fp32")
-    return None
-
-
 def _predict_batch(predictor: Predictor, items: list[_Loaded], flip: bool, dtype: torch.dtype | None) -> torch.Tensor:
     """Probabilities ``(B, C, h, w)`` at the items' working size, averaged over TTA views (scales x flips)."""
-    dev = predictor.device
-    work = items[0].work_size
-    total: torch.Tensor | None = None
-    count = 0
-    with torch.no_grad():
-        for v in range(len(items[0].views)):
-            x = torch.stack([it.views[v] for it in items]).to(dev, non_blocking=True)  # (B, 3, h_s, w_s)
-            x = x.contiguous(memory_format=torch.channels_last)
-            for flipped in (False, True) if flip else (False,):
-                with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-                    logits = predict_logits(predictor.model, x.flip(-1) if flipped else x, predictor.test_mode,
-                                            predictor.slide_crop, predictor.slide_stride)  # (B, C, h_s, w_s) fp32
-                if flipped:
-                    logits = logits.flip(-1)
-                proba = predict_proba(logits, work)  # (B, C, h, w): resize the logits, softmax in fp32
-                total = proba if total is None else total.add_(proba)
-                count += 1
-    assert total is not None
-    return total / count if count > 1 else total
+    views = [torch.stack([it.views[v] for it in items]).to(predictor.device, non_blocking=True)
+             for v in range(len(items[0].views))]  # (B, 3, h_s, w_s) per scale
+    return predict_batch(predictor.model, views, items[0].work_size, predictor.test_mode, predictor.slide_crop,
+                         predictor.slide_stride, flip=flip, dtype=dtype)
 
 
 def iter_predictions(
@@ -459,108 +265,6 @@ def iter_predictions(
             next_out += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Original-size results and ``mirseg infer``.
-
-
-def label_map(proba: torch.Tensor, size: tuple[int, int], proba_out: np.ndarray | None = None,
-              chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label ``(H, W)`` int64 and confidence ``(H, W)`` fp32 at ``size``: the argmax and max over classes of
-    the probabilities ``proba`` ``(C, h, w)`` bilinearly resized to ``size`` (H, W).
-
-    Computed ``chunk`` classes at a time, so memory is O(H*W), not O(C*H*W); ties go to the lower class,
-    as ``argmax`` does. ``proba_out`` (C, H, W), when given, receives the resized probabilities.
-    """
-    size = (int(size[0]), int(size[1]))
-    if tuple(proba.shape[-2:]) == size:  # nothing to resize: one pass over the tensor we already hold
-        if proba_out is not None:
-            proba_out[:] = proba.cpu().numpy()
-        conf, label = proba.float().max(dim=0)
-        return label, conf
-    label = conf = None
-    for c0 in range(0, proba.shape[0], chunk):
-        part = proba[c0:c0 + chunk].float()  # (k, h, w)
-        if tuple(part.shape[-2:]) != size:
-            part = F.interpolate(part[None], size=size, mode="bilinear", align_corners=False)[0]  # (k, H, W)
-        if proba_out is not None:
-            proba_out[c0:c0 + part.shape[0]] = part.cpu().numpy()
-        val, idx = part.max(dim=0)  # (H, W): the first maximum within the chunk
-        if label is None:
-            label, conf = idx, val
-        else:
-            better = val > conf  # strict: an equal later class does not win
-            label = torch.where(better, idx + c0, label)
-            conf = torch.where(better, val, conf)
-    assert label is not None and conf is not None
-    return label, conf
-
-
-def output_names(paths: Sequence[str]) -> list[str]:
-    """Output file stems, unique (case-insensitively) even when inputs share a stem.
-
-    The first image with a stem keeps it; a later one (``b/x.jpg`` after ``a/x.jpg``, or ``x.png``
-    after ``x.jpg``) becomes ``<stem>__2``, ``__3``, ..., skipping any number that is another
-    image's stem. Input order decides, and folders and globs are listed sorted, so it is stable.
-    """
-    stems = [Path(p).stem for p in paths]
-    reserved = {s.lower() for s in stems}
-    used: set[str] = set()
-    names = []
-    for stem in stems:
-        name = stem
-        if name.lower() in used:
-            k = 2
-            while f"{stem}__{k}".lower() in used or f"{stem}__{k}".lower() in reserved:
-                k += 1
-            name = f"{stem}__{k}"
-        used.add(name.lower())
-        names.append(name)
-    return names
-
-
-def _png(array: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a PNG of shape {array.shape} {array.dtype}")
-    return buf.tobytes()
-
-
-def _palette_png(label: np.ndarray) -> bytes:
-    """An indexed ("P" mode) PNG: pixel values are class indices, shown in mirseg.visualize.PALETTE colours."""
-    from PIL import Image
-
-    from mirseg.visualize import PALETTE, colorize
-
-    if label.max(initial=0) > 255:  # more classes than a palette holds: plain RGB colours
-        return _png(colorize(label)[..., ::-1].copy())
-    img = Image.fromarray(label.astype(np.uint8), mode="P")
-    img.putpalette(PALETTE.reshape(-1).tolist())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a JPEG of shape {rgb.shape}")
-    return buf.tobytes()
-
-
-def _write_proba(path: Path, proba: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize ``proba`` to ``size`` into a float16 ``.npy`` (memory-mapped, written atomically); label, conf."""
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(proba.shape[0], *size))
-        label, conf = label_map(proba, size, proba_out=out)
-        out.flush()
-        del out
-    return label, conf
-
-
 JOURNAL = "resume.jsonl"
 """In ``out_dir`` while a run is unfinished: one line per image done (see :class:`mirseg.interrupt.Journal`)."""
 
@@ -585,27 +289,22 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
     (indexed PNG in the PALETTE colours), ``overlay/<name>.jpg``, ``proba/<name>.npy`` (float16
     (C, H, W)), ``predictions.json`` (COCO RLE), ``images.tsv`` (one row per input: COCO image id,
     output name, path, ``ok`` or the error) and ``classes.txt`` (line i: the name of label value i).
-    ``<name>`` is the image's file stem, made unique by :func:`output_names`. Every file is written
+    ``<name>`` is the image's file stem, made unique by :func:`mirseg.outputs.output_names`. Every file is written
     atomically; all outputs are at each image's original size. Unreadable images are logged, listed
     in ``failed`` and ``images.tsv``, and skipped. ``progress`` gets the fraction done after each image.
 
     ``cfg.checkpoint`` may also be an ONNX export (``.onnx``, run with ONNX Runtime, see
-    :func:`mirseg.export.onnx_predictor`); ``predictor`` replaces loading ``cfg.checkpoint`` altogether.
+    :func:`mirseg.exported.onnx_predictor`); ``predictor`` replaces loading ``cfg.checkpoint`` altogether.
 
     SIGINT / SIGTERM finish the image(s) in flight, keep ``out_dir/resume.jsonl`` (one line per image
     done, see :class:`mirseg.interrupt.Journal`) and raise :class:`~mirseg.errors.Interrupted`; with
     ``cfg.resume`` a rerun skips the images done and writes the same files an uninterrupted run writes.
     """
-    from mirseg.coco_result import CocoResultWriter
-    from mirseg.visualize import overlay
-
     check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     if not cfg.checkpoint and predictor is None:
         raise ConfigError("checkpoint is empty: give a mirseg checkpoint, e.g. `mirseg infer runs/train/best.pth "
                          "photos/`")
     if predictor is None and str(cfg.checkpoint).lower().endswith(".onnx"):
-        from mirseg.export import onnx_predictor
-
         predictor = onnx_predictor(cfg.checkpoint, cfg.img_scale, cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
     elif predictor is None:
         predictor = load_predictor(cfg.checkpoint, cfg.device, cfg.img_scale, cfg.test_mode, cfg.slide_crop,
@@ -613,14 +312,12 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
     paths = list_images(cfg.images)
     names = output_names(paths)
     out_dir = Path(cfg.out_dir)
-    wanted = {"labels": cfg.save_labels, "color": cfg.save_color, "overlay": cfg.save_overlay,
-              "proba": cfg.save_proba}
-    for sub, on in wanted.items():
-        if on:
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    skip = () if predictor.background_index is None else (predictor.background_index,)
+    outputs = ImageOutputs(out_dir, cfg.save_labels, cfg.save_color, cfg.save_overlay, cfg.save_proba,
+                           predictor.num_classes, skip)
+    outputs.make_dirs()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "classes.txt", "".join(f"{n}\n" for n in predictor.class_names).encode())
-    skip = () if predictor.background_index is None else (predictor.background_index,)
     log.info("inferring %d images with %s (%s, img_scale %s, %s) on %s -> %s", len(paths), cfg.checkpoint,
              predictor.arch, predictor.img_scale, predictor.test_mode, predictor.device, out_dir)
 
@@ -653,21 +350,9 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                     failed.append((pred.path, pred.error))
                     entry = coco.failed_entry(pred.path) if coco else None
                 else:
-                    if cfg.save_proba:
-                        label_t, conf_t = _write_proba(out_dir / "proba" / f"{name}.npy", pred.proba, pred.size)
-                    else:
-                        label_t, conf_t = label_map(pred.proba, pred.size)
-                    dtype = np.uint8 if predictor.num_classes <= 256 else np.uint16
-                    label = label_t.cpu().numpy().astype(dtype)  # (H, W) model class indices
-                    if cfg.save_labels:
-                        write_atomic(out_dir / "labels" / f"{name}.png", _png(label))
-                    if cfg.save_color:
-                        write_atomic(out_dir / "color" / f"{name}.png", _palette_png(label))
-                    if cfg.save_overlay:
-                        write_atomic(out_dir / "overlay" / f"{name}.jpg", _jpeg(overlay(pred.original, label,
-                                                                                         skip=skip)))
+                    label, conf = outputs.write(name, pred.proba, pred.size, pred.original)  # (H, W) each
                     if coco:
-                        entry, anns = coco.encode(pred.path, label, conf_t.cpu().numpy())
+                        entry, anns = coco.encode(pred.path, label, conf.cpu().numpy())
                 image_id = coco.add_encoded(entry, anns) if entry is not None else None
                 rows.write(f"{image_id or ''}\t{name}\t{pred.path}\t{_one_line(pred.error or 'ok')}\n")
                 journal.append({"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns})

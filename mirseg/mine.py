@@ -46,20 +46,15 @@ import torch
 
 from mirseg import interrupt
 from mirseg.config import MineConfig, check_output_dirs
-from mirseg.data.images import ImageError, read_image
+from mirseg.data.images import ImageError, read_image, write_image
+from mirseg.data.sources import list_images
 from mirseg.errors import ConfigError, Interrupted
 from mirseg.fileio import write_atomic
-from mirseg.infer import (
-    JOURNAL,
-    ImagePrediction,
-    Predictor,
-    iter_predictions,
-    list_images,
-    load_predictor,
-    output_names,
-)
+from mirseg.infer import JOURNAL, ImagePrediction, iter_predictions, load_predictor
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
+from mirseg.outputs import output_names
+from mirseg.predict import Predictor
 from mirseg.report import ReportImage, render, thumbnail
 
 log = logging.getLogger("mirseg")
@@ -108,13 +103,6 @@ def _unique(paths: Sequence[str]) -> list[str]:
     if len(out) < len(paths):
         log.warning("%d candidate paths are listed more than once; each is ranked once", len(paths) - len(out))
     return out
-
-
-def _encode(ext: str, image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(ext, image, [cv2.IMWRITE_JPEG_QUALITY, 90] if ext == ".jpg" else [])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {ext} of shape {image.shape}")
-    return buf.tobytes()
 
 
 _SUMMARY_TYPES = {cls.__name__: cls for cls in (rsal.RsalSummary, ripu.RipuSummary)}
@@ -337,11 +325,11 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None,
         regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
         name = names[i]
         mask, overlay, thumb = f"masks/{name}.png", f"overlays/{name}.jpg", f"thumbs/{name}.jpg"
-        write_atomic(out_dir / mask, _encode(".png", np.where(regions > 0, 255, 0).astype(np.uint8)))
+        write_image(out_dir / mask, np.where(regions > 0, 255, 0).astype(np.uint8))
         picture = draw_regions(pred.original, regions)
-        write_atomic(out_dir / overlay, _encode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+        write_image(out_dir / overlay, picture)
         if cfg.report:
-            write_atomic(out_dir / thumb, _encode(".jpg", cv2.cvtColor(thumbnail(picture), cv2.COLOR_RGB2BGR)))
+            write_image(out_dir / thumb, thumbnail(picture))
         labelled = round(float(np.count_nonzero(regions)) / regions.size, 6)  # the masked share at the original size
         saved.append({"kind": "mask", "path": pred.path, "mask": mask, "overlay": overlay, "thumb": thumb,
                       "share": labelled, "classes": _class_shares(pred.proba),

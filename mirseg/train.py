@@ -25,6 +25,8 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from mirseg import dist, interrupt, pretrained
 from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, read_checkpoint
@@ -36,9 +38,10 @@ from mirseg.data.images import opencv_threads
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
-from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
+from mirseg.predict import label_map, predict_batch, prepare_for_inference
+from mirseg.visualize import colorize
 
 log = logging.getLogger("mirseg")
 
@@ -134,25 +137,37 @@ def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tu
     return total, {k: float(v) for k, v in parts.items()}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
-             max_images: int | None = None) -> dict[str, Any]:
-    """mIoU/mAcc/aAcc and per-class IoU on ``dataset`` at each image's original resolution.
+def _predict_label(net: nn.Module, image: torch.Tensor, size: tuple[int, int], cfg: TrainConfig,
+                   rt: dist.Runtime) -> torch.Tensor:
+    """The label map ``(H, W)`` at ``size`` of a normalised ``(3, h, w)`` image at the test scale: the
+    probabilities at the working size (``predict_batch``), then ``label_map``, as ``mirseg infer`` writes it."""
+    proba = predict_batch(net, [image[None].to(rt.device)], tuple(image.shape[-2:]), cfg.test_mode, cfg.slide_crop,
+                          cfg.slide_stride)  # (1, C, h, w)
+    return label_map(proba[0], size)[0]
 
-    Images are resized to the test scale for the network; logits go back to the label's size
-    (bilinear) before the argmax, as mmseg evaluates. In a process group each process takes
-    every world_size-th image and the confusion matrices are summed.
+
+def confusion(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
+              max_images: int | None = None) -> ConfusionMatrix:
+    """The confusion matrix on ``dataset`` at each image's original resolution, summed over the process group.
+
+    Images are resized to the test scale for the network; the probabilities go back to the label's
+    size (bilinear) before the argmax, the one path of ``mirseg infer`` (:mod:`mirseg.predict`). In a
+    process group each process takes every world_size-th image.
     """
     cm = ConfusionMatrix(num_classes)
     indices = range(rt.rank, len(dataset) if max_images is None else min(max_images, len(dataset)), rt.world_size)
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     for i in indices:
         image, label = dataset[i]  # (3, h, w) float, (H, W) int64 at the original size
-        logits = predict_logits(net, image[None].to(rt.device), cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        cm.update(logits.argmax(1)[0].cpu(), label)
-    cm.merge(dist.all_reduce_sum(cm.mat.clone(), rt).cpu())
-    return cm.compute()
+        cm.update(_predict_label(net, image, tuple(label.shape[-2:]), cfg, rt).cpu(), label)
+    cm.mat = dist.all_reduce_sum(cm.mat.clone(), rt).cpu()  # the sum over processes (this one's included once)
+    return cm
+
+
+def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
+             max_images: int | None = None) -> dict[str, Any]:
+    """mIoU/mAcc/aAcc and per-class IoU on ``dataset`` at each image's original resolution (:func:`confusion`)."""
+    return confusion(model, dataset, cfg, rt, num_classes, max_images).compute()
 
 
 def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iteration: int,
@@ -305,8 +320,6 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     if rt.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, work_dir / "config.yaml")
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
         log.info("training %s on %d images (%d classes: %s), validating on %d; %d iterations of batch %d on %s",
                  cfg.model, len(train_set), num_classes, ", ".join(class_names), len(val_set), cfg.max_iters,
@@ -315,8 +328,6 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     last_metrics: dict[str, Any] = {}
     bar = None
     if rt.is_main:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
                    mininterval=2.0)
     model.train()
@@ -476,20 +487,21 @@ def _stop_training(signum: int, done: int, saved_at: int, cfg: TrainConfig, rt: 
 def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime,
                      step: int, count: int = 3) -> None:
     """A few validation images with ground truth and prediction side by side, as TensorBoard images."""
-    from mirseg.visualize import colorize
-
     for i in range(min(count, len(val_set))):
         image, label = val_set.load(i)  # (H, W, 3) uint8, (H, W) uint8
         tensor, _ = val_set[i]
-        logits = predict_logits(net, tensor[None].to(rt.device), cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
-        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pred = _predict_label(net, tensor, label.shape, cfg, rt).cpu().numpy().astype(np.uint8)
         panel = np.concatenate([image, colorize(label), colorize(pred)], axis=1)
         writer.add_image(f"val/{i}", panel, step, dataformats="HWC")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table."""
+    """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table.
+
+    The network is prepared as ``mirseg infer`` runs it (:func:`mirseg.predict.prepare_for_inference`),
+    so the scores are those of the label maps ``mirseg infer`` writes. Returns the metrics and
+    ``"confusion"``, the confusion matrix as rows (ground truth) of columns (prediction).
+    """
     ckpt = read_checkpoint(checkpoint, cfg.trust_checkpoint)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no class names): evaluate a "
@@ -505,12 +517,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, A
         raise DatasetError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
     model = build_model(ckpt["arch"], len(class_names))
     model.load_state_dict(ckpt["model"])
-    model.to(rt.device).eval()
+    model = prepare_for_inference(model.to(rt.device))
     dataset = SegDataset(split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
-    metrics = evaluate(model, dataset, cfg, rt, len(class_names))
+    cm = confusion(model, dataset, cfg, rt, len(class_names))
+    metrics = cm.compute()
     if rt.is_main:
         _print_table(class_names, metrics)
-    return metrics
+    return {**metrics, "confusion": cm.mat.tolist()}
 
 
 def _user_classes(ckpt: dict[str, Any]) -> tuple[str, ...]:

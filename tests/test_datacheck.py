@@ -282,7 +282,7 @@ def test_training_skips_bad_images_and_warns_about_the_crop(tmp_path, mirseg_log
 def test_rle_total_agrees_with_pycocotools():
     from pycocotools import mask as mask_utils
 
-    from mirseg.data.coco import rle_total
+    from mirseg.data.coco_checks import rle_total
 
     rng = np.random.default_rng(0)
     for trial in range(60):

@@ -13,14 +13,13 @@ import pytest
 import yaml
 
 import mirseg.demo as demo
-import mirseg.train
 import mirseg.ymir.workspace as workspace
 from mirseg.cli import main
 from mirseg.data.synthetic import STREET_CLASSES, make_street_dataset
 from mirseg.errors import ConfigError
 from mirseg.visualize import PALETTE
-from mirseg.ymir.executor import _annotation_file
 from mirseg.ymir.protocol import read_env, read_index
+from mirseg.ymir.training import _annotation_file
 
 CLASSES = ["background", *STREET_CLASSES]
 TINY = dataclasses.replace(demo.QUICK, train=4, val=2, pool=4, iters=4, ymir_iters=2)
@@ -101,7 +100,7 @@ def test_failed_ymir_step_exits_non_zero_and_says_why(tmp_path, monkeypatch, cap
     def with_typo(*args, **kwargs):
         return original(*args[:5], {**args[5], "max_iterz": 3}, **kwargs)
 
-    monkeypatch.setattr(workspace, "training_workspace", with_typo)
+    monkeypatch.setattr(demo, "training_workspace", with_typo)
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 1
     summary = (out / "SUMMARY.md").read_text()
@@ -122,7 +121,7 @@ def test_interrupted_demo_is_replaced_by_the_next_run(tmp_path, monkeypatch):
     def interrupted(cfg, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mirseg.train, "train", interrupted)
+    monkeypatch.setattr(demo, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(["demo", "--quick", "--out", str(out)])
     assert (out / demo.MARKER).is_file() and list((out / "data" / "train" / "images").glob("*.png"))
@@ -133,7 +132,7 @@ def test_interrupted_demo_is_replaced_by_the_next_run(tmp_path, monkeypatch):
     def bad_key(cfg, **kwargs):
         raise ConfigError("train.yaml: lr must be positive")
 
-    monkeypatch.setattr(mirseg.train, "train", bad_key)
+    monkeypatch.setattr(demo, "train", bad_key)
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert not (out / "partial.bin").exists()
     summary = (out / "SUMMARY.md").read_text()

@@ -15,15 +15,8 @@ from torch import nn
 from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save
 from mirseg.cli import main
 from mirseg.config import InferConfig, build_config
-from mirseg.export import (
-    TraceableAdaptiveAvgPool2d,
-    compare,
-    export,
-    load_torchscript,
-    onnx_predictor,
-    read_metadata,
-    traceable_resize,
-)
+from mirseg.export import TraceableAdaptiveAvgPool2d, compare, export, traceable_resize
+from mirseg.exported import load_torchscript, onnx_predictor, read_metadata
 from mirseg.infer import load_predictor, run_inference
 from mirseg.models import MODELS, build_model
 from mirseg.models import fastscnn as fastscnn_module

@@ -9,7 +9,7 @@ message naming the file and the item:
 - Index and list files (``mirseg.ymir.protocol.read_index`` / ``index_rows``, the executor's
   annotation-file lookup, ``mirseg.data.sources.image_source``): ``YmirError`` (dataset code) and
   ``DatasetError``.
-- YAML (``mirseg.config.read_yaml_mapping``, ``load_config`` of TrainConfig / InferConfig /
+- YAML (``mirseg.coerce.read_yaml_mapping``, ``load_config`` of TrainConfig / InferConfig /
   MineConfig): ``ConfigError`` and ``MissingFileError``; YMIR's ``read_yaml`` / ``read_env``: ``YmirError``.
 
 Anything else (TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError, a
@@ -32,14 +32,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirseg.config import InferConfig, MineConfig, TrainConfig, field_types, load_config, read_yaml_mapping
+from mirseg.coerce import field_types, read_yaml_mapping
+from mirseg.config import InferConfig, MineConfig, TrainConfig, load_config
 from mirseg.data.coco import load_coco
 from mirseg.data.dataset import DatasetError
 from mirseg.data.images import ImageError
 from mirseg.data.sources import coco_category_names, image_source
 from mirseg.errors import ConfigError, MirsegError, MissingFileError
-from mirseg.ymir.executor import _annotation_file
 from mirseg.ymir.protocol import YmirError, index_rows, read_env, read_index, read_yaml
+from mirseg.ymir.training import _annotation_file
 
 FUZZ = settings(max_examples=120, deadline=timedelta(seconds=5), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -16,21 +16,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.coco_result import CocoResultWriter, encode_mask, mask_bbox
-from mirseg.config import InferConfig, build_config
-from mirseg.infer import (
-    iter_predictions,
-    label_map,
-    list_images,
-    load_predictor,
-    output_names,
-    predict_logits,
-    predict_proba,
-    run_inference,
-    sliding_window,
-)
+from mirseg.config import InferConfig, build_config, eval_config
+from mirseg.data.sources import list_images
+from mirseg.data.synthetic import make_dataset
+from mirseg.infer import iter_predictions, load_predictor, run_inference
+from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
+from mirseg.outputs import output_names
+from mirseg.predict import label_map, predict_logits, predict_proba, sliding_window
+from mirseg.train import evaluate_checkpoint
 from mirseg.visualize import PALETTE
 
 
@@ -318,6 +315,28 @@ def test_same_stem_in_two_folders_keeps_both(trained_fastscnn, tmp_path):
     assert np.array_equal(first, _labels(direct[0]))
 
 
+def test_eval_scores_exactly_the_labels_infer_writes(trained_fastscnn, tmp_path, capsys):
+    """`mirseg eval` and `mirseg infer` share one prediction path (probabilities at the working size, then resized
+    to the label's size): eval's confusion matrix is the one of the label PNGs infer writes. The images are
+    150x203, so the network sees them resized (to 94x128) and every label map is resized back."""
+    ckpt, _, _ = trained_fastscnn
+    data = make_dataset(tmp_path / "data", 4, size=(150, 203), num_classes=2, seed=7, labels=True)
+    keys = [f"val_images={data.images}", f"val_labels={data.labels}", "device=cpu"]
+    metrics = evaluate_checkpoint(ckpt, eval_config(read_checkpoint(ckpt)["config"], None, keys))
+    out = tmp_path / "infer"
+    assert main(["infer", str(ckpt), str(data.images), f"out_dir={out}", "workers_per_gpu=0", "device=cpu"]) == 0
+    cm = ConfusionMatrix(3)
+    for truth in sorted(data.labels.iterdir()):
+        written = cv2.imread(str(out / "labels" / truth.name), cv2.IMREAD_UNCHANGED)  # (150, 203) uint8
+        cm.update(torch.from_numpy(written), torch.from_numpy(cv2.imread(str(truth), cv2.IMREAD_UNCHANGED)))
+    assert int(cm.mat.sum()) == 4 * 150 * 203
+    assert metrics["confusion"] == cm.mat.tolist()
+    assert {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")} == cm.compute()
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), *keys]) == 0
+    assert f"mIoU {cm.compute()['mIoU']:.4f}" in capsys.readouterr().out
+
+
 def test_tta_amp_and_slide_stay_close_to_plain(trained_fastscnn):
     ckpt, _, val = trained_fastscnn
     p = load_predictor(ckpt, device="cpu")
@@ -411,7 +430,8 @@ def test_loader_workers_start_after_opencv_ran_its_thread_pool(trained_fastscnn)
     ckpt, _, val = trained_fastscnn
     script = f"""
 import cv2, numpy as np
-from mirseg.infer import iter_predictions, list_images, load_predictor
+from mirseg.data.sources import list_images
+from mirseg.infer import iter_predictions, load_predictor
 a = np.random.default_rng(0).random((1024, 1024, 3), dtype=np.float32)
 for _ in range(3):
     cv2.GaussianBlur(a, (0, 0), 3)  # multi-threaded: OpenCV's pool now runs in this process

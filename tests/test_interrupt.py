@@ -26,9 +26,10 @@ import torch
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
+from mirseg.data.sources import list_images
 from mirseg.data.synthetic import make_dataset
 from mirseg.errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Interrupted, MirsegError, MissingFileError
-from mirseg.infer import JOURNAL, iter_predictions, list_images, load_predictor, run_inference
+from mirseg.infer import JOURNAL, iter_predictions, load_predictor, run_inference
 from mirseg.interrupt import Journal, graceful_stop, raise_on_signals
 from mirseg.mine import decode_summary, encode_summary, mine
 from mirseg.mining import ALGORITHMS, MiningParams

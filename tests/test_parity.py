@@ -94,7 +94,7 @@ def test_unknown_model_lists_choices():
 @pytest.mark.parametrize("name", ARCHS)
 def test_inference_preparation_keeps_logits(name, fill):
     """BN folding and channels-last change the speed, not the answer."""
-    from mirseg.infer import prepare_for_inference
+    from mirseg.predict import prepare_for_inference
 
     model = _filled(name, 4, fill, salt="fuse")
     x = fill.parity_input((1, 3, 65, 97), salt="fuse")

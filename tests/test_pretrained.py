@@ -28,8 +28,8 @@ from mirseg.download import sha256_file
 from mirseg.errors import ConfigError, MissingFileError
 from mirseg.models import build_model
 from mirseg.ymir.executor import main as ymir_main
-from mirseg.ymir.executor import training_config
 from mirseg.ymir.protocol import CODE_CONFIG, YmirError, read_env
+from mirseg.ymir.training import training_config
 from mirseg.ymir.workspace import training_workspace, ymir_coco
 
 HEADS = {  # what each publisher's ImageNet file carries beside the backbone: (key, shape)

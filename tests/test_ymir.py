@@ -19,6 +19,7 @@ from mirseg.data.synthetic import make_dataset
 from mirseg.ymir import templates
 from mirseg.ymir.executor import main as ymir_main
 from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, write_training_result
+from mirseg.ymir.taskconfig import task_device
 from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,8 +269,6 @@ def test_dockerfile_cmd_and_copied_paths_exist():
 
 
 def test_cpu_when_no_gpu_is_given():
-    from mirseg.ymir.executor import _device
-
-    assert _device({"gpu_id": "", "gpu_count": 1}, Path("c.yaml")) == ("cpu", 0)  # the original's bug: 1 GPU
-    assert _device({"gpu_id": "0", "gpu_count": "0"}, Path("c.yaml")) == ("cpu", 0)
-    assert _device({}, Path("c.yaml")) == ("cpu", 0)
+    assert task_device({"gpu_id": "", "gpu_count": 1}, Path("c.yaml")) == ("cpu", 0)  # the original's bug: 1 GPU
+    assert task_device({"gpu_id": "0", "gpu_count": "0"}, Path("c.yaml")) == ("cpu", 0)
+    assert task_device({}, Path("c.yaml")) == ("cpu", 0)

@@ -69,7 +69,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -81,18 +80,16 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from mirseg.constants import BACKGROUND, IGNORE_INDEX
+from mirseg.data.coco_checks import ClassBy, check_categories, check_images, is_id, is_int, prepare_segmentation
 from mirseg.data.dataset import DatasetError
 from mirseg.data.images import ImageError
 from mirseg.errors import ConfigError
 
 logger = logging.getLogger("mirseg")
 
-ClassBy = Literal["name", "id"]
 OnUnknownClass = Literal["error", "skip", "ignore"]
 
 _MAX_LISTED = 5  # how many offending items an error or warning names before "..."
-_MAX_PIXELS = 1 << 30  # OpenCV's default CV_IO_MAX_IMAGE_PIXELS: a larger image could not be read anyway
-_COORD_MARGIN = 8  # polygon coordinates may lie this many image sides outside the image, no further
 
 
 def dataset_classes(class_names: Sequence[str], ignore_blank_area: bool) -> list[str]:
@@ -162,39 +159,6 @@ class CocoSample:
         return label
 
 
-def rle_total(counts: str | bytes) -> int:
-    """Pixels covered by the runs of a compressed COCO RLE ``counts`` string (pycocotools' encoding, summed).
-
-    Each run length is a little-endian number of 5-bit digits, one character ``48 + digit`` each
-    (bit 0x20 = more digits follow, bit 0x10 of the last = negative); from the third run on, a
-    value is the difference to the run two before. Vectorised, ~1 ms for a 2-megapixel mask.
-
-    Raises:
-        ValueError: the string is not valid RLE (a character outside ``'0'..'o'``, a number cut
-            off at the end, an impossibly long or a negative run).
-    """
-    c = np.frombuffer(counts.encode() if isinstance(counts, str) else bytes(counts), np.uint8).astype(np.int64) - 48
-    if c.size == 0:
-        return 0
-    if c.min() < 0 or c.max() > 63:
-        raise ValueError("a character outside the RLE alphabet '0'..'o'")
-    end = (c & 0x20) == 0  # (chars,) the last character of each number
-    if not end[-1]:
-        raise ValueError("the string ends inside a number")
-    starts = np.flatnonzero(np.concatenate([[True], end[:-1]]))  # (numbers,) first character of each
-    digit = np.arange(c.size) - np.repeat(starts, np.diff(np.append(starts, c.size)))  # (chars,) digit position
-    if digit.max() > 11:
-        raise ValueError("a run longer than any image")
-    runs = np.add.reduceat((c & 0x1F) << (5 * digit), starts)  # (numbers,)
-    negative = (c[end] & 0x10) != 0
-    runs[negative] -= 1 << (5 * (digit[end][negative] + 1))  # two's complement of the digits read
-    runs[1::2] = np.cumsum(runs[1::2])  # deltas to the run two before (pycocotools: from the third run on)
-    runs[2::2] = np.cumsum(runs[2::2])
-    if runs.min() < 0:
-        raise ValueError("a negative run length")
-    return int(runs.sum())
-
-
 def load_coco(
     annotation_file: str | os.PathLike[str],
     images: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
@@ -230,8 +194,8 @@ def load_coco(
         raise ConfigError(f"on_unknown_class must be 'error', 'skip' or 'ignore', got {on_unknown_class!r}")
 
     coco = _read_coco_json(path)
-    image_entries = _check_images(path, coco["images"])  # id -> (file_name, height, width)
-    categories = _check_categories(path, coco.get("categories"), class_by)  # id -> name
+    image_entries = check_images(path, coco["images"])  # id -> (file_name, height, width)
+    categories = check_categories(path, coco.get("categories"), class_by)  # id -> name
 
     # Which user class (0-based) each category id stands for; absent = not in class_names.
     class_of: dict[Any, int] = {}
@@ -240,7 +204,7 @@ def load_coco(
         class_of = {cid: index_of[name] for cid, name in categories.items() if name in index_of}
     else:
         for cid, name in categories.items():
-            if _is_int(cid) and 0 <= cid < num_user and name != class_names[cid]:
+            if is_int(cid) and 0 <= cid < num_user and name != class_names[cid]:
                 raise DatasetError(
                     f"{path}: category id {cid} is named {name!r} but class_names[{cid}] is {class_names[cid]!r}: "
                     "with coco_class_by=id (class_by='id') the ids index class_names, so pass the class list this "
@@ -259,7 +223,7 @@ def load_coco(
         for key in ("image_id", "category_id"):
             if key not in ann:
                 raise DatasetError(f"{path}: annotation {ann_id} has no {key!r}; the file is not COCO segmentation")
-            if not _is_id(ann[key]):
+            if not is_id(ann[key]):
                 raise DatasetError(f"{path}: annotation {ann_id} has {key} {ann[key]!r}; ids must be integers "
                                    "(or strings): the file is not COCO segmentation")
         image_id, cid = ann["image_id"], ann["category_id"]
@@ -281,7 +245,7 @@ def load_coco(
                 )
             user_class = class_of.get(cid)
         else:
-            user_class = cid if _is_int(cid) and 0 <= cid < num_user else None
+            user_class = cid if is_int(cid) and 0 <= cid < num_user else None
         if user_class is None:
             unknown[(cid, categories.get(cid))].append(ann_id)
             if on_unknown_class != "ignore":
@@ -290,7 +254,7 @@ def load_coco(
         else:
             value = user_class + shift
 
-        prepared = _prepare_segmentation(path, ann_id, file_name, ann.get("segmentation"), height, width, dropped)
+        prepared = prepare_segmentation(path, ann_id, file_name, ann.get("segmentation"), height, width, dropped)
         if prepared is not None:
             shapes[image_id].append((ann_id, value, *prepared))
 
@@ -335,49 +299,6 @@ def _read_coco_json(path: Path) -> dict[str, Any]:
         if not isinstance(coco[key], list):
             raise DatasetError(f"{path}: {key!r} is a {type(coco[key]).__name__}, not a list; the file is not COCO")
     return coco
-
-
-def _check_images(path: Path, entries: list[Any]) -> dict[Any, tuple[str, int, int]]:
-    """image id -> (file_name, height, width), every entry checked."""
-    out: dict[Any, tuple[str, int, int]] = {}
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not _is_id(entry.get("id")) or not isinstance(entry.get("file_name"), str):
-            raise DatasetError(f"{path}: images[{n}] needs an integer 'id' and a 'file_name' string; the file is "
-                               "not COCO")
-        height, width = entry.get("height"), entry.get("width")
-        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
-            raise DatasetError(
-                f"{path}: image {entry['file_name']!r} needs positive integer 'height' and 'width' "
-                f"(got {height!r}, {width!r}): re-export with image sizes"
-            )
-        if height * width > _MAX_PIXELS:
-            raise DatasetError(f"{path}: image {entry['file_name']!r} is {width}x{height}, more than {_MAX_PIXELS} "
-                               "pixels (the most OpenCV reads): tile it, or fix 'height' and 'width'")
-        if entry["id"] in out:
-            raise DatasetError(f"{path}: image id {entry['id']!r} appears twice in 'images'; ids must be unique")
-        out[entry["id"]] = (entry["file_name"], height, width)
-    return out
-
-
-def _check_categories(path: Path, categories: Any, class_by: ClassBy) -> dict[Any, str]:
-    """category id -> name; ``categories`` is optional only for ``class_by="id"``."""
-    if categories is None:
-        if class_by == "name":
-            raise DatasetError(
-                f"{path} has no 'categories' list, so annotations cannot be matched to class_names by name; "
-                "add it, or set coco_class_by=id (load_coco's class_by='id') if category_id indexes class_names"
-            )
-        return {}
-    if not isinstance(categories, list):
-        raise DatasetError(f"{path}: 'categories' is a {type(categories).__name__}, not a list")
-    out: dict[Any, str] = {}
-    for n, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise DatasetError(f"{path}: categories[{n}] needs an integer 'id' and a 'name' string")
-        if cat["id"] in out:
-            raise DatasetError(f"{path}: category id {cat['id']!r} appears twice in 'categories'")
-        out[cat["id"]] = cat["name"]
-    return out
 
 
 def _resolve_images(
@@ -434,55 +355,6 @@ def _resolve_images(
     return found
 
 
-def _prepare_segmentation(
-    path: Path, ann_id: Any, file_name: str, seg: Any, height: int, width: int, dropped: dict[str, list[Any]]
-) -> tuple[str, Any] | None:
-    """Check one ``segmentation``; ``("poly", rings)``, ``("rle", compressed rle)`` or None (dropped, noted)."""
-    where = f"{path}: annotation {ann_id} (image {file_name!r})"
-    if seg is None or (isinstance(seg, (list, dict)) and not seg):  # a box-only object, nothing to paint
-        dropped["empty segmentations"].append(ann_id)
-        return None
-    if isinstance(seg, list):
-        rings = []
-        for ring in seg:
-            if not isinstance(ring, list) or not all(_is_number(v) and math.isfinite(v) for v in ring):
-                raise DatasetError(f"{where}: a polygon must be a flat list of numbers [x1, y1, x2, y2, ...]")
-            # pycocotools walks every edge pixel by pixel: a coordinate of 1e12 would take forever.
-            side = _COORD_MARGIN * max(height, width)
-            if any(not -side <= v <= side + max(height, width) for v in ring):
-                raise DatasetError(f"{where}: polygon coordinates lie far outside the {width}x{height} image "
-                                   "(the shape belongs to another image size): re-export it")
-            # < 3 points would also be misread by pycocotools: a 4-number list is taken as a box.
-            if len(ring) < 6 or len(ring) % 2 or _polygon_area(ring) == 0:
-                dropped["degenerate polygon rings (< 3 points, odd length or zero area)"].append(ann_id)
-                continue
-            rings.append([float(v) for v in ring])
-        return ("poly", rings) if rings else None
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        size, counts = seg["size"], seg["counts"]
-        if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
-            raise DatasetError(f"{where}: RLE size {size} differs from the image's [height, width] "
-                               f"[{height}, {width}]: the mask belongs to another image size; re-export it")
-        if isinstance(counts, list):  # uncompressed RLE: column-major run lengths, starting with 0s
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                raise DatasetError(f"{where}: uncompressed RLE counts must be non-negative integers summing to "
-                                   f"height*width = {height * width}")
-            return "rle", mask_utils.frPyObjects(seg, height, width)  # -> compressed, far smaller
-        if isinstance(counts, str):
-            # pycocotools decodes runs that cover fewer pixels than the image into a partly unwritten buffer.
-            try:
-                covered = rle_total(counts)
-            except ValueError as exc:
-                raise DatasetError(f"{where}: compressed RLE counts {_short(counts)} are corrupt ({exc}): "
-                                   "re-export the annotation") from None
-            if covered != height * width:
-                raise DatasetError(f"{where}: compressed RLE counts {_short(counts)} are corrupt (their runs cover "
-                                   f"{covered} pixels, not height*width = {height * width}): re-export the annotation")
-            return "rle", {"size": [height, width], "counts": counts}
-    raise DatasetError(f"{where}: segmentation must be a polygon list or an RLE dict with 'counts' and 'size', "
-                       f"got {type(seg).__name__}")
-
-
 def _report_unknown(
     path: Path,
     unknown: dict[tuple[Any, str | None], list[Any]],
@@ -507,30 +379,6 @@ def _report_unknown(
         )
     action = "left unannotated" if on_unknown_class == "skip" else f"painted {IGNORE_INDEX} (ignored)"
     logger.warning("%s: classes not in class_names, their pixels are %s: %s", path, action, summary)
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def _polygon_area(ring: list[float]) -> float:
-    """Shoelace area of a flat ``[x1, y1, x2, y2, ...]`` ring."""
-    xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)  # (points, 2)
-    x, y = xy[:, 0], xy[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_id(v: Any) -> bool:
-    """COCO ids are integers; strings are accepted too (some tools write them)."""
-    return _is_int(v) or isinstance(v, str)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def _head(items: Sequence[Any]) -> str:

@@ -23,16 +23,19 @@ same to the model in every task. The decisions, in one place:
 :func:`read_image_size` gives the size :func:`read_image` would return without decoding the pixels
 (the data check reads every image this way before training), and :func:`opencv_threads` is the one
 place that sets OpenCV's thread count around a DataLoader fork.
-:func:`write_image` is the way back: an (H, W, 3) RGB array encoded by the file's suffix and
-written atomically (:mod:`mirseg.fileio`).
+The way back is the one set of encoders every writer uses: :func:`encode_image` (an array to PNG /
+JPEG / ... bytes by suffix, JPEG at quality :data:`JPEG_QUALITY`), :func:`encode_indexed_png` (class
+indices as a palette PNG) and :func:`write_image` (encoded by the file's suffix and written
+atomically, :mod:`mirseg.fileio`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -176,13 +179,44 @@ def opencv_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(before)
-def write_image(path: str | os.PathLike[str], rgb: np.ndarray, params: tuple[int, ...] = ()) -> None:
-    """Encode (H, W, 3) uint8 RGB (or (H, W) gray) as ``path``'s format and write it atomically.
+
+
+JPEG_QUALITY = 90
+"""JPEG quality of every JPEG mirseg writes (overlays) unless the caller passes its own."""
+
+
+def encode_image(suffix: str, image: np.ndarray, params: Sequence[int] = ()) -> bytes:
+    """``image`` encoded in the format of ``suffix`` (``".png"``, ``".jpg"``, ...), as the file's bytes.
+
+    ``image``: (H, W, 3) uint8 RGB, or (H, W) one channel (uint8; uint16 for PNG, e.g. class indices).
+    ``params``: OpenCV ``imwrite`` flags, e.g. ``(cv2.IMWRITE_JPEG_QUALITY, 80)``; a JPEG without a quality
+    flag gets :data:`JPEG_QUALITY`.
+    """
+    flags = list(params)
+    if suffix.lower() in (".jpg", ".jpeg") and cv2.IMWRITE_JPEG_QUALITY not in flags[::2]:
+        flags += [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, buf = cv2.imencode(suffix, bgr, flags)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {suffix} of shape {image.shape}, dtype {image.dtype}")
+    return buf.tobytes()
+
+
+def encode_indexed_png(label: np.ndarray, palette: np.ndarray) -> bytes:
+    """(H, W) class indices as an indexed ("P" mode) PNG: pixel values are the indices, shown in the colours of
+    ``palette`` (256, 3) uint8 RGB. With more classes than a palette holds: an RGB PNG of ``palette[label % 256]``."""
+    if label.max(initial=0) > 255:
+        return encode_image(".png", palette[label.astype(np.uint8)])
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    img.putpalette(palette.reshape(-1).tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image(path: str | os.PathLike[str], rgb: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode (H, W, 3) uint8 RGB (or (H, W) gray) as ``path``'s format (:func:`encode_image`) and write it atomically.
 
     ``params``: OpenCV ``imwrite`` flags, e.g. ``(cv2.IMWRITE_JPEG_QUALITY, 80)``.
     """
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    ok, buf = cv2.imencode(Path(path).suffix, bgr, list(params))
-    if not ok:
-        raise ValueError(f"OpenCV could not encode {path} (shape {rgb.shape}, dtype {rgb.dtype})")
-    write_atomic(path, buf.tobytes())
+    write_atomic(path, encode_image(Path(path).suffix, rgb, params))

@@ -1,4 +1,4 @@
-"""From a training config's data keys to samples and the model's class list.
+"""From a config's data keys to image paths, samples and the model's class list.
 
 Two layouts per split (``train`` / ``val``):
 
@@ -8,20 +8,26 @@ Two layouts per split (``train`` / ``val``):
   The model's classes get ``background`` first unless ``ignore_blank_area`` is true.
 * Label PNGs: ``<split>_images`` + ``<split>_labels`` (a folder of PNGs matched by stem);
   ``class_names`` must be given and label value i is ``class_names[i]``.
+
+:func:`list_images` is the same for the unlabelled images of ``mirseg infer`` and ``mirseg mine``: a
+folder, a glob pattern, a list file or one image.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mirseg.data.coco import dataset_classes, load_coco
 from mirseg.data.dataset import DatasetError
+from mirseg.data.images import IMAGE_EXTENSIONS
 from mirseg.data.labelfolder import load_label_folder
-from mirseg.errors import ConfigError
+from mirseg.errors import ConfigError, MissingFileError
 
 log = logging.getLogger("mirseg")
 
@@ -57,6 +63,38 @@ def image_source(path: str) -> str | list[str]:
     if p.is_file():
         raise DatasetError(f"{p} is neither an image folder nor a list file ({', '.join(LIST_SUFFIXES)})")
     raise DatasetError(f"image folder or list {p} does not exist")
+
+
+def list_images(spec: str | os.PathLike) -> list[str]:
+    """Image paths from a folder (recursive, sorted, image suffixes only), a glob pattern (sorted;
+    ``**`` recurses), a list file (``.txt``/``.tsv``/``.lst``/``.list``: one path per line, first
+    tab-separated column, relative to the list file, ``#`` comments) or a single image file.
+    """
+    text = str(spec)
+    if not text.strip():
+        raise ConfigError("images is empty: give an image folder, a glob pattern such as 'photos/*.jpg', "
+                         "or a text file listing image paths")
+    p = Path(text)
+    if p.is_dir():
+        paths = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        kind = "folder"
+    elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+        paths = list(image_source(text))  # every listed path is kept: an unreadable one is reported later
+        kind = "list file"
+    elif p.is_file():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise ConfigError(f"{p} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a list file "
+                             f"({', '.join(LIST_SUFFIXES)})")
+        paths, kind = [text], "file"
+    elif glob.has_magic(text):
+        paths = sorted(f for f in glob.glob(text, recursive=True)
+                       if Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(f))
+        kind = "glob pattern"
+    else:
+        raise MissingFileError(f"image folder, list file or image {p} does not exist")
+    if not paths:
+        raise ConfigError(f"no images found by {kind} {text!r} (image suffixes: {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
 
 
 def _read_lines(path: Path) -> list[str]:

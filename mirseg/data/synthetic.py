@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from mirseg.data.images import write_image
 from mirseg.fileio import write_atomic
@@ -232,8 +233,6 @@ def make_street_dataset(
     the first part of its file name (``<domain>_<prefix>_0003.png``), so a result list tells where
     each image came from. Unannotated clutter (trees, verge) is class 0 in the label PNGs.
     """
-    from pycocotools import mask as mask_utils
-
     out, img_dir, lbl_dir = _folders(out_dir, labels)
     shares = domains or {"day": 1.0}
     names, probs = list(shares), np.array(list(shares.values()), np.float64)

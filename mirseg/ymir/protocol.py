@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mirseg.coerce import read_yaml_mapping
 from mirseg.errors import MirsegError
 from mirseg.fileio import write_atomic
 
@@ -86,8 +87,6 @@ def _flag(value: Any, key: str, source: Path) -> bool:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping, its errors as YmirError (config code)."""
-    from mirseg.config import read_yaml_mapping
-
     try:
         return read_yaml_mapping(path)
     except MirsegError as exc:  # missing, unreadable, not YAML, not a mapping

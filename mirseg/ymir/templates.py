@@ -8,6 +8,7 @@ current), and the README's template-keys table. Keys and defaults are the origin
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,6 @@ def write_all(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     write_all(sys.argv[1] if len(sys.argv) > 1 else "img-man")
 
 

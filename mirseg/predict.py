@@ -1,0 +1,237 @@
+"""Prediction maths: from a normalised image batch to probabilities and to the original-size label map.
+
+What training's evaluation, ``mirseg eval``, ``mirseg infer``, mining and export share:
+
+* :func:`predict_logits` / :func:`sliding_window`: logits of a normalised batch, whole image or
+  mmseg's sliding window; :func:`predict_proba`: the softmax (always fp32) at a chosen size.
+* :func:`predict_batch`: probabilities at the working resolution of one batch seen at one or more
+  scales (and mirrored, for test-time augmentation), averaged; under autocast (:func:`autocast_dtype`).
+* :func:`label_map`: the original-size label and confidence from those probabilities.
+* :func:`prepare_for_inference`: eval mode, BatchNorm folded, channels-last; :class:`Predictor`: such a
+  network with the test scale and mode it predicts with (made by :func:`mirseg.infer.load_predictor`
+  from a checkpoint, :func:`mirseg.exported.onnx_predictor` from an ONNX export).
+
+**Original-size results resize probabilities, not logits.** The working-resolution softmax is the
+one tensor that evaluation, inference, mining and the YMIR executor share, and test-time
+augmentation averages probabilities (as mmseg's ``aug_test`` does), so the original-size label map is
+``argmax(bilinear(proba))`` in every path: ``mirseg eval`` scores exactly the labels ``mirseg infer``
+writes. mmseg's single-scale path resizes logits before the softmax; the two differ only in where a
+class boundary falls inside a pixel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirseg.constants import BACKGROUND
+from mirseg.errors import ConfigError
+from mirseg.models._blocks import fuse_conv_bn
+
+log = logging.getLogger("mirseg")
+
+
+@dataclass
+class Predictor:
+    """A checkpoint's network ready to predict, with the test scale and mode it was evaluated with."""
+
+    model: nn.Module  # eval, BN folded, channels-last, on ``device``; returns {"out": logits (N, C, H, W)}
+    arch: str  # key of mirseg.models.MODELS
+    class_names: list[str]  # the model's classes (background first when the model has one)
+    ignore_blank_area: bool  # true: the model has no background class
+    img_scale: tuple[int, int]  # (w, h) keep-ratio working scale
+    test_mode: str  # "whole" | "slide"
+    slide_crop: tuple[int, int]  # (h, w)
+    slide_stride: tuple[int, int]  # (h, w)
+    device: torch.device
+
+    @property
+    def background_index(self) -> int | None:
+        """0 when the model has a background class (unannotated pixels), else None."""
+        if not self.ignore_blank_area and self.class_names and self.class_names[0] == BACKGROUND:
+            return 0
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Start/end of the windows along one axis, mmseg's way: a grid, the last clipped to the border."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    spans = []
+    for i in range(n):
+        end = min(i * stride + crop, size)
+        spans.append((max(end - crop, 0), end))
+    return spans
+
+
+def sliding_window(
+    model: nn.Module,
+    images: torch.Tensor,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+    max_batch: int = 8,
+) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` averaged over overlapping windows (mmseg ``slide_inference``).
+
+    Windows of ``crop_size`` step by ``stride``; the last window of a row/column is shifted back to
+    end at the border; an image smaller than the crop is one window. Window logits are summed and
+    divided by the per-pixel window count. All windows have the same size, so they are run
+    ``max_batch`` images at a time.
+    """
+    n, _, h, w = images.shape
+    boxes = [(y0, y1, x0, x1) for y0, y1 in _windows(h, crop_size[0], stride[0])
+             for x0, x1 in _windows(w, crop_size[1], stride[1])]
+    crops = torch.cat([images[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # (B*N, 3, hc, wc)
+    outs = [model(chunk)["out"] for chunk in crops.split(max(max_batch, 1))]
+    logits = torch.cat(outs).float()  # (B*N, C, hc, wc)
+    total = logits.new_zeros((n, logits.shape[1], h, w))
+    count = logits.new_zeros((1, 1, h, w))
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        total[:, :, y0:y1, x0:x1] += logits[i * n:(i + 1) * n]
+        count[:, :, y0:y1, x0:x1] += 1
+    return total / count
+
+
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mode: Literal["whole", "slide"] = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` of a normalised batch ``(N, 3, H, W)``, in eval mode, no grad.
+
+    ``mode="whole"`` runs the model once; ``"slide"`` uses :func:`sliding_window` with ``crop_size``
+    and ``stride`` given as (h, w).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if mode == "whole":
+                return model(images)["out"].float()
+            if mode == "slide":
+                if crop_size is None or stride is None:
+                    raise ConfigError("slide mode needs crop_size and stride, e.g. (769, 769) and (513, 513)")
+                if min(stride) < 1 or min(crop_size) < 1:
+                    raise ConfigError(f"crop_size {crop_size} and stride {stride} must be positive")
+                return sliding_window(model, images, tuple(crop_size), tuple(stride))
+            raise ConfigError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
+    finally:
+        model.train(was_training)
+
+
+def predict_proba(logits: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Softmax probabilities (fp32), optionally bilinearly resized to ``size`` first."""
+    logits = logits.float()
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.softmax(dim=1)
+
+
+def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """Eval mode, BatchNorm folded into convs, and (by default) channels-last memory layout.
+
+    Folding removes one memory pass per conv; channels-last lets oneDNN (CPU) and cuDNN (CUDA)
+    pick their fastest kernels. Inputs are made channels-last by :func:`predict_batch`.
+    The model is changed in place and can no longer be trained.
+    """
+    model.eval()
+    fuse_conv_bn(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device``: fp16 on CUDA, bf16 on a CPU with native bf16, else None."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        # Without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32: keep fp32 there.
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+        log.warning("amp: this CPU has no native bfloat16 support; running in fp32")
+    return None
+
+
+def predict_batch(
+    model: nn.Module,
+    views: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    mode: Literal["whole", "slide"] = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    *,
+    flip: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Probabilities ``(N, C, *size)`` fp32 of one batch, averaged over its views (scales) and, with ``flip``,
+    their mirror images.
+
+    ``views``: the normalised batch ``(N, 3, h_s, w_s)`` at each test scale, on the model's device (one view
+    without multi-scale augmentation). Each goes through :func:`predict_logits` (channels-last, autocast
+    ``dtype`` when given), then is resized to ``size`` (h, w), the working resolution, and softmaxed in fp32.
+    """
+    total: torch.Tensor | None = None
+    count = 0
+    with torch.no_grad():
+        for x in views:
+            x = x.contiguous(memory_format=torch.channels_last)  # (N, 3, h_s, w_s)
+            for flipped in (False, True) if flip else (False,):
+                with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                    logits = predict_logits(model, x.flip(-1) if flipped else x, mode, crop_size,
+                                            stride)  # (N, C, h_s, w_s) fp32
+                if flipped:
+                    logits = logits.flip(-1)
+                proba = predict_proba(logits, size)  # (N, C, h, w): resize the logits, softmax in fp32
+                total = proba if total is None else total.add_(proba)
+                count += 1
+    if total is None:
+        raise ValueError("predict_batch needs at least one view")
+    return total / count if count > 1 else total
+
+
+def label_map(proba: torch.Tensor, size: tuple[int, int], proba_out: np.ndarray | None = None,
+              chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label ``(H, W)`` int64 and confidence ``(H, W)`` fp32 at ``size``: the argmax and max over classes of
+    the probabilities ``proba`` ``(C, h, w)`` bilinearly resized to ``size`` (H, W).
+
+    Computed ``chunk`` classes at a time, so memory is O(H*W), not O(C*H*W); ties go to the lower class,
+    as ``argmax`` does. ``proba_out`` (C, H, W), when given, receives the resized probabilities.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(proba.shape[-2:]) == size:  # nothing to resize: one pass over the tensor we already hold
+        if proba_out is not None:
+            proba_out[:] = proba.cpu().numpy()
+        conf, label = proba.float().max(dim=0)
+        return label, conf
+    label = conf = None
+    for c0 in range(0, proba.shape[0], chunk):
+        part = proba[c0:c0 + chunk].float()  # (k, h, w)
+        if tuple(part.shape[-2:]) != size:
+            part = F.interpolate(part[None], size=size, mode="bilinear", align_corners=False)[0]  # (k, H, W)
+        if proba_out is not None:
+            proba_out[c0:c0 + part.shape[0]] = part.cpu().numpy()
+        val, idx = part.max(dim=0)  # (H, W): the first maximum within the chunk
+        if label is None:
+            label, conf = idx, val
+        else:
+            better = val > conf  # strict: an equal later class does not win
+            label = torch.where(better, idx + c0, label)
+            conf = torch.where(better, val, conf)
+    assert label is not None and conf is not None
+    return label, conf

@@ -1,0 +1,92 @@
+"""Presets: one per architecture and crop, with the numbers of the mmseg config they mirror.
+
+``config_file`` names a preset (:data:`PRESETS`) or one of the original image's mmseg config paths
+(:data:`MMSEG_CONFIGS`, each mapped to its preset and nominal schedule); :func:`resolve_preset`
+accepts both, with a "did you mean" for a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Literal
+
+from mirseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What an mmseg config fixes: architecture, crop, scales, optimiser and test mode."""
+
+    model: str
+    crop_size: tuple[int, int] = (512, 1024)  # (h, w)
+    img_scale: tuple[int, int] = (2048, 1024)  # (w, h): train resize base and test scale
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    batch_size: int = 8  # total batch the schedule was designed for (GPUs x samples_per_gpu)
+    max_iters: int = 80000  # the config's nominal schedule
+    test_mode: Literal["whole", "slide"] = "whole"
+    slide_stride: tuple[int, int] = (513, 513)
+
+
+_P769 = dict(crop_size=(769, 769), img_scale=(2049, 1025), test_mode="slide")
+
+PRESETS: dict[str, Preset] = {
+    "fastscnn": Preset("fastscnn", lr=0.12, weight_decay=4e-5, batch_size=32, max_iters=160000),
+    "deeplabv3plus_r18": Preset("deeplabv3plus_r18"),
+    "deeplabv3plus_r18_769": Preset("deeplabv3plus_r18", **_P769),
+    "deeplabv3plus_r18b": Preset("deeplabv3plus_r18b"),
+    "deeplabv3plus_r18b_769": Preset("deeplabv3plus_r18b", **_P769),
+    "deeplabv3plus_r50": Preset("deeplabv3plus_r50", max_iters=40000),
+    "deeplabv3plus_r50_769": Preset("deeplabv3plus_r50", max_iters=40000, **_P769),
+    "hrnet_w18s": Preset("hrnet_w18s", max_iters=40000),
+    "hrnet_w18": Preset("hrnet_w18", max_iters=40000),
+    "ocrnet_hr18s": Preset("ocrnet_hr18s", max_iters=40000),
+    "ocrnet_hr18": Preset("ocrnet_hr18", max_iters=40000),
+}
+
+
+def _mmseg_config_paths() -> dict[str, tuple[str, int]]:
+    """The original image's mmseg config paths -> (preset, nominal max_iters)."""
+    table: dict[str, tuple[str, int]] = {
+        "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py": ("fastscnn", 160000),
+        "configs/deeplabv3plus/deeplabv3plus_r50-d8_512x1024_40k_cityscapes.py": ("deeplabv3plus_r50", 40000),
+        "configs/deeplabv3plus/deeplabv3plus_r50-d8_769x769_40k_cityscapes.py": ("deeplabv3plus_r50_769", 40000),
+        "configs/deeplabv3plus/deeplabv3plus_r18-d8_512x1024_80k_cityscapes.py": ("deeplabv3plus_r18", 80000),
+        "configs/deeplabv3plus/deeplabv3plus_r18-d8_769x769_80k_cityscapes.py": ("deeplabv3plus_r18_769", 80000),
+        "configs/deeplabv3plus/deeplabv3plus_r18b-d8_512x1024_80k_cityscapes.py": ("deeplabv3plus_r18b", 80000),
+        "configs/deeplabv3plus/deeplabv3plus_r18b-d8_769x769_80k_cityscapes.py": ("deeplabv3plus_r18b_769", 80000),
+    }
+    for iters in (40, 80, 160):
+        for arch, stem in (("hrnet_w18s", "fcn_hr18s"), ("hrnet_w18", "fcn_hr18")):
+            table[f"configs/hrnet/{stem}_512x1024_{iters}k_cityscapes.py"] = (arch, iters * 1000)
+        for arch in ("ocrnet_hr18s", "ocrnet_hr18"):
+            short = arch.replace("ocrnet_", "")
+            table[f"configs/ocrnet/ocrnet_{short}_512x1024_{iters}k_cityscapes.py"] = (arch, iters * 1000)
+    return table
+
+
+MMSEG_CONFIGS = _mmseg_config_paths()
+
+
+def resolve_preset(config_file: str) -> Preset:
+    """A preset from its name or from one of the original image's mmseg config paths."""
+    key = config_file.strip()
+    if key in PRESETS:
+        return PRESETS[key]
+    # Accept the path with or without a leading "./" or a repository prefix before "configs/".
+    norm = key.replace("\\", "/")
+    if "configs/" in norm:
+        norm = "configs/" + norm.split("configs/", 1)[1]
+    if norm in MMSEG_CONFIGS:
+        name, iters = MMSEG_CONFIGS[norm]
+        return dataclasses.replace(PRESETS[name], max_iters=iters)
+    choices = list(PRESETS) + list(MMSEG_CONFIGS)
+    hint = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    raise ConfigError(
+        f"config_file: unknown preset or mmseg config {config_file!r}"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + f" Presets: {', '.join(PRESETS)}; or one of the original image's config paths, e.g. "
+        "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py"
+    )
