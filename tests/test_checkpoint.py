@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from mirseg.checkpoint import (
-    CHECKPOINT_FORMAT,
     SAFE_GLOBALS,
     CheckpointError,
     atomic_save,
     load_weights,
+    make_checkpoint,
     read_checkpoint,
 )
 from mirseg.cli import main
@@ -43,7 +43,7 @@ def test_loads_every_checkpoint_kind(tmp_path, wrap):
     sd = src.state_dict()
     obj = {
         "mmseg": {"meta": {"CLASSES": ("a", "b", "c", "d"), "iter": 10}, "state_dict": sd},
-        "mirseg": {"format": CHECKPOINT_FORMAT, "model": sd, "arch": "fastscnn"},
+        "mirseg": make_checkpoint(src, "fastscnn", ["a", "b", "c", "d"]),
         "bare": sd,
         "ddp": {"state_dict": {"module." + k: v for k, v in sd.items()}},
     }[wrap]

@@ -21,10 +21,11 @@ import torch
 import mirseg.infer
 import mirseg.mine
 import mirseg.train
-from mirseg.checkpoint import CHECKPOINT_FORMAT
+from mirseg.checkpoint import atomic_save, make_checkpoint
 from mirseg.cli import build_parser, main
 from mirseg.config import EVAL_KEYS, InferConfig, TrainConfig, check_output_dir, eval_config, load_config
 from mirseg.errors import EXIT_ERROR, EXIT_SIGTERM, ConfigError, Interrupted, MirsegError
+from mirseg.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,7 @@ def ckpt(tmp_path) -> Path:
     """A file read_checkpoint accepts, with the saved config ``mirseg eval`` starts from."""
     path = tmp_path / "best.pth"
     saved = {"config_file": "fastscnn", "crop_size": [64, 64], "img_scale": [128, 96], "test_mode": "whole"}
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": "fastscnn", "class_names": ["background", "disc"],
-                "config": saved}, path)
+    atomic_save(make_checkpoint(build_model("fastscnn", 2), "fastscnn", ["background", "disc"], config=saved), path)
     return path
 
 

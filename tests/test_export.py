@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save
+from mirseg.checkpoint import atomic_save, make_checkpoint
 from mirseg.cli import main
 from mirseg.config import InferConfig, build_config
 from mirseg.export import (
@@ -54,9 +54,8 @@ def _calibrated(arch: str) -> nn.Module:
 
 def _save_checkpoint(path, arch: str) -> None:
     model = _calibrated(arch)
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "class_names": CLASSES,
-                 "ignore_blank_area": False, "iteration": 0, "metrics": {}, "model": model.state_dict(),
-                 "config": {"config_file": arch, "img_scale": [128, 96], "test_mode": "whole"}}, path)
+    config = {"config_file": arch, "img_scale": [128, 96], "test_mode": "whole"}
+    atomic_save(make_checkpoint(model, arch, CLASSES, config=config), path)
 
 
 def _reference(ckpt, x: torch.Tensor) -> np.ndarray:
