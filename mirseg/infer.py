@@ -158,12 +158,10 @@ class Predictor:
 
     @property
     def background_index(self) -> int | None:
-        """0 when the model has a background class (unannotated pixels), else None."""
-        from mirseg.constants import BACKGROUND
+        """The model's class of unannotated pixels, or None (the rule: :func:`mirseg.checkpoint.background_index`)."""
+        from mirseg.checkpoint import background_index
 
-        if not self.ignore_blank_area and self.class_names and self.class_names[0] == BACKGROUND:
-            return 0
-        return None
+        return background_index({"class_names": self.class_names, "ignore_blank_area": self.ignore_blank_area})
 
     @property
     def num_classes(self) -> int:

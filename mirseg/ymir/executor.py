@@ -293,8 +293,7 @@ def write_stages(models: Path, result_file: Path, trust_checkpoint: bool = False
 
 
 def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
-    from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
-    from mirseg.train import _user_classes
+    from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, user_classes
 
     weights = _weight_files(params, "model_params_path", env)
     if not weights:
@@ -305,7 +304,7 @@ def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
         raise YmirError(f"{weights[0]} is not a mirseg checkpoint (no class names or architecture): models trained "
                         "by the mmsegmentation image must be retrained with mirseg first", CODE_MODEL)
     names = params.get("class_names")
-    user = list(_user_classes(ckpt))
+    user = list(user_classes(ckpt, str(weights[0])))
     if names and list(names) != user:
         log.warning("config class_names %s differ from the model's classes %s; results use the model's", names, user)
     return weights[0]
