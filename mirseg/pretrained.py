@@ -128,11 +128,10 @@ def _known() -> dict[str, WeightFile]:
 
 KNOWN: dict[str, WeightFile] = _known()
 
-# The config each preset mirrors: the one with the preset's name and nominal schedule.
+# The config each preset mirrors: the first one MMSEG_CONFIGS lists for it.
 PRESET_CONFIG: dict[str, str] = {}
 for _path, (_preset, _iters) in MMSEG_CONFIGS.items():
-    if _iters == PRESETS[_preset].max_iters:
-        PRESET_CONFIG.setdefault(_preset, _path)
+    PRESET_CONFIG.setdefault(_preset, _path)
 
 
 def zoo_file(preset: str) -> WeightFile | None:
