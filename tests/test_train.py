@@ -7,44 +7,41 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy
 import yaml
 
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
-from mirseg.data.synthetic import make_dataset
 from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, train
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return (make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True),
-            make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True))
+    return toy.shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _cfg(shapes, work_dir, **kw):
-    tr, va = shapes
-    values = dict(train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
-                  crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12,
-                  scale_lr=False, work_dir=str(work_dir), log_interval=10)
-    values.update(kw)
-    return build_config(TrainConfig, values)
+    return toy.shapes_config(*shapes, work_dir, log_interval=10, **kw)
 
 
-def test_fastscnn_learns_the_shapes(shapes, tmp_path):
-    result = train(_cfg(shapes, tmp_path, max_iters=300, interval=100))
+def test_the_toy_fastscnn_learns_the_shapes(toy_run):
+    """The session's toy training (tests/toy.py): it learns, and leaves what a run leaves."""
+    result, work_dir = toy_run.result, toy_run.result.work_dir
     assert result.class_names == ["background", "disc", "box"]
     assert result.best_metrics["mIoU"] > 0.8, result.best_metrics
+    assert result.last_metrics == result.best_metrics  # the last evaluation was the best one
     ckpt = read_checkpoint(result.best)
     assert ckpt["arch"] == "fastscnn" and ckpt["class_names"] == result.class_names
     assert ckpt["ignore_blank_area"] is False and ckpt["metrics"]["mIoU"] == result.best_metrics["mIoU"]
+    assert ckpt["background_index"] == 0 and ckpt["iteration"] == toy.ITERS
     assert ckpt["config"]["crop_size"] == [64, 64] and ckpt["config"]["lr"] == 0.12
-    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "optimizer" not in ckpt and {"optimizer", "scheduler", "best", "rng"} <= set(read_checkpoint(result.last))
+    saved = yaml.safe_load((work_dir / "config.yaml").read_text())
     # The saved config holds the user classes, so it trains again as it is (background is added back).
-    assert saved["class_names"] == ["disc", "box"] and saved["max_iters"] == 300
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth"]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert saved["class_names"] == ["disc", "box"] and saved["max_iters"] == toy.ITERS
+    assert sorted(p.name for p in work_dir.glob("*.pth")) == ["best.pth", "last.pth"]
+    assert list((work_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def _weights(path):
