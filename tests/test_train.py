@@ -13,7 +13,8 @@ import yaml
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
-from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, train
+from mirseg.constants import IGNORE_INDEX
+from mirseg.train import IterationSampler, TrainingDiverged, auto_class_weight, poly_lr, segmentation_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,74 @@ def test_poly_schedule_and_auto_weights():
     assert f(50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
     w = auto_class_weight(torch.tensor([900, 100, 0]).numpy())
     assert w[1] > w[0] and w[2] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss and the sampler on their own
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float]]:
+    """(class, -log softmax) of every labelled pixel, by hand: log-sum-exp over the class axis of (N, K, H, W)."""
+    out = []
+    for n, y, x in zip(*torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)):
+        z = logits[n, :, y, x].double()
+        k = int(labels[n, y, x])
+        out.append((k, float(torch.log(torch.exp(z).sum()) - z[k])))
+    return out
+
+
+def test_segmentation_loss_ignores_255_and_weights_the_aux_heads_and_classes():
+    g = torch.Generator().manual_seed(0)
+    decode, aux0, aux1 = (torch.randn(2, 3, 4, 5, generator=g) * 3 for _ in range(3))
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # 10 of 40 pixels unlabelled
+    labels[1, 3, 4] = IGNORE_INDEX
+    mean = {name: sum(v for _, v in _nll(t, labels)) / 29 for name, t in
+            (("decode", decode), ("aux0", aux0), ("aux1", aux1))}
+    total, parts = segmentation_loss({"out": decode, "aux": [aux0, aux1]}, labels, (0.4, 0.25))
+    assert parts["decode"] == pytest.approx(mean["decode"], rel=1e-5)
+    assert parts["aux0"] == pytest.approx(mean["aux0"], rel=1e-5)
+    assert parts["aux1"] == pytest.approx(mean["aux1"], rel=1e-5)
+    want = mean["decode"] + 0.4 * mean["aux0"] + 0.25 * mean["aux1"]
+    assert float(total) == pytest.approx(want, rel=1e-5) and parts["total"] == pytest.approx(want, rel=1e-5)
+    # An ignored pixel has no effect whatever its logits; no aux heads in eval mode: the decode head alone.
+    changed = decode.clone()
+    changed[0, :, :2] = 1000.0
+    assert float(segmentation_loss({"out": changed}, labels, (0.4,))[0]) == pytest.approx(mean["decode"], rel=1e-5)
+    # Class weights: PyTorch's weighted mean, sum(w[y] * nll) / sum(w[y]) over the labelled pixels.
+    w = torch.tensor([0.5, 2.0, 1.0])
+    pixels = _nll(decode, labels)
+    by_hand = sum(float(w[k]) * v for k, v in pixels) / sum(float(w[k]) for k, _ in pixels)
+    weighted, parts = segmentation_loss({"out": decode}, labels, (), class_weight=w)
+    assert float(weighted) == pytest.approx(by_hand, rel=1e-5) and set(parts) == {"decode", "total"}
+    # fp16 logits (autocast) are scored in fp32.
+    half, _ = segmentation_loss({"out": decode.half()}, labels, ())
+    assert half.dtype == torch.float32 and float(half) == pytest.approx(mean["decode"], rel=1e-2)
+
+
+def _stream(n: int, batch: int, start: int, stop: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    return list(IterationSampler(n, batch, seed=7, start_iter=start, max_iters=stop, rank=rank, world_size=world))
+
+
+def test_iteration_sampler_epochs_rank_slices_and_resume():
+    n = 5
+    batches = _stream(n, 2, 0, 10)  # 20 positions: four epochs of five items
+    assert len(IterationSampler(n, 2, 7, 0, 10)) == 10 and len(IterationSampler(n, 2, 7, 4, 10)) == 6
+    flat = [i for b in batches for i in b]
+    epochs = [flat[e * n:(e + 1) * n] for e in range(4)]
+    for e, indices in enumerate(epochs):
+        # Index e*n + item: each epoch is a permutation of the items, and SegDataset seeds item's augmentation
+        # from (seed, epoch, item).
+        assert sorted(i - e * n for i in indices) == list(range(n)), (e, indices)
+    assert len({tuple(i % n for i in indices) for indices in epochs}) > 1  # a new order each epoch
+    assert _stream(n, 2, 0, 10) == batches  # drawn from the seed alone
+    # Resume: starting at iteration 4 gives exactly the batches an uninterrupted run takes from there.
+    assert _stream(n, 2, 4, 10) == batches[4:]
+    # Two processes of batch 2 split the stream of one process of batch 4: rank r takes its half of each step.
+    whole = _stream(n, 4, 0, 5)
+    rank0, rank1 = _stream(n, 2, 0, 5, rank=0, world=2), _stream(n, 2, 0, 5, rank=1, world=2)
+    assert [a + b for a, b in zip(rank0, rank1)] == whole
+    assert _stream(n, 2, 3, 5, rank=1, world=2) == rank1[3:]
 
 
 def test_cli_train_then_eval(shapes, tmp_path, capsys):
