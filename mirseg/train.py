@@ -6,8 +6,9 @@ cross-entropy (ignore 255, mean over labelled pixels) on the decode head plus th
 auxiliary heads, evaluation and checkpoints every ``interval`` iterations.
 
 It reads top to bottom: ``_train`` is the set-up in named steps (data, model + weights, optimiser +
-schedule, class weights, resume, loader, logs) and then the loop; :class:`TrainState` is what the
-loop changes and ``last.pth`` keeps, ``_Run`` the fixed context the helpers share.
+schedule, class weights, resume, loader, logs) and then the loop. What the loop changes and
+``last.pth`` keeps is a :class:`~mirseg.train_state.TrainState`; ``_Run`` is the fixed context the
+helpers share. The sample order is :class:`~mirseg.data.sampler.IterationSampler`'s.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import math
 import shlex
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -40,12 +40,14 @@ from mirseg.constants import IGNORE_INDEX
 from mirseg.data.check import check_data, crop_padding_warning
 from mirseg.data.dataset import DatasetError, SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
+from mirseg.data.sampler import IterationSampler
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
 from mirseg.infer import predict_logits
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
+from mirseg.train_state import TrainState, rank_rng_states
 
 log = logging.getLogger("mirseg")
 
@@ -64,44 +66,6 @@ class TrainResult:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
-
-
-class IterationSampler(Sampler[list[int]]):
-    """Batches of indices for iterations ``start, start+1, ...`` of an endless shuffled stream.
-
-    The stream is one permutation per epoch, drawn from ``(seed, epoch)``; iteration ``it`` takes
-    stream positions ``[it*B, (it+1)*B)`` with ``B = batch * world_size``, and this process keeps
-    its slice. The index of position p in epoch e is ``e * n + perm_e[p]``, which SegDataset turns
-    into item ``perm_e[p]`` with the generator of ``(seed, e, item)``. So a resumed run sees exactly
-    the batches and augmentations of an uninterrupted one, whatever the number of workers.
-    """
-
-    def __init__(self, n: int, batch: int, seed: int, start_iter: int, max_iters: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.n, self.batch, self.seed = n, batch, seed
-        self.start_iter, self.max_iters = start_iter, max_iters
-        self.rank, self.world = rank, world_size
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def __len__(self) -> int:
-        return self.max_iters - self.start_iter
-
-    def __iter__(self) -> Iterator[list[int]]:
-        total = self.batch * self.world
-        cache: dict[int, torch.Tensor] = {}
-        for it in range(self.start_iter, self.max_iters):
-            first = it * total + self.rank * self.batch
-            batch = []
-            for pos in range(first, first + self.batch):
-                epoch, slot = divmod(pos, self.n)
-                if epoch not in cache:
-                    cache.clear()
-                    cache[epoch] = self._perm(epoch)
-                batch.append(epoch * self.n + int(cache[epoch][slot]))
-            yield batch
 
 
 def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
@@ -186,24 +150,6 @@ class TrainData:
 
 
 @dataclass
-class TrainState:
-    """What the loop changes and ``last.pth`` keeps (with the RNG), so that a resumed run continues exactly."""
-
-    model: nn.Module  # the network; DistributedDataParallel around it under torchrun
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler  # AMP loss scale (disabled on CPU)
-    iteration: int = 0  # iterations done
-    saved_at: int = 0  # the iteration last.pth holds (0: none yet)
-    best: dict[str, Any] = field(default_factory=lambda: {"mIoU": -1.0, "iteration": 0, "metrics": {}})
-
-    @property
-    def net(self) -> nn.Module:
-        """The network itself (without the DistributedDataParallel wrapper)."""
-        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-
-
-@dataclass
 class _Run:
     """The fixed context of one run: config, process group, data, and rank 0's logs (None on other ranks)."""
 
@@ -222,7 +168,7 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: set-up in four steps, then the loop
+# The run: the set-up in named steps, then the loop
 
 
 def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
@@ -292,7 +238,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
             metrics = evaluate(model, data.val_set, cfg, rt, len(data.class_names)) if len(data.val_set) else {}
             model.train()
             last_metrics = metrics
-            _after_eval(run, state, metrics, _rank_rng_states(rt))
+            _after_eval(run, state, metrics, rank_rng_states(rt))
         # Checked after every step, so a run stops within one iteration; under torchrun this is one
         # tiny all_reduce per iteration (the loop already waits for the loss value every iteration).
         if done < cfg.max_iters:  # on the last iteration the run is complete anyway
@@ -382,14 +328,7 @@ def _resume(state: TrainState, cfg: TrainConfig, class_names: list[str], rt: dis
     ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
     if ckpt.get("class_names") != class_names:
         raise ConfigError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
-    state.net.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.iteration = state.saved_at = ckpt["iteration"]
-    state.best = ckpt.get("best") or state.best
-    _set_rng_state(ckpt["rng"], rt)
-    if ckpt.get("scaler") and state.scaler.is_enabled():
-        state.scaler.load_state_dict(ckpt["scaler"])
+    state.restore(ckpt, rt)
     log.info("resumed from %s at iteration %d", last_path, state.iteration)
 
 
@@ -470,49 +409,9 @@ def _after_eval(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng:
 def _checkpoint(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None = None,
                 resumable: bool = False) -> dict[str, Any]:
     """The checkpoint at ``state.iteration``; ``resumable`` adds what ``resume=true`` needs (last.pth)."""
-    extra = None
-    if resumable:
-        extra = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                 "best": state.best, "rng": _rng_state(rank_rng)}
-        if state.scaler.is_enabled():  # AMP loss scale: a resumed run must not re-learn it
-            extra["scaler"] = state.scaler.state_dict()
     return make_checkpoint(state.net, run.cfg.model, run.data.class_names, ignore_blank_area=run.cfg.ignore_blank_area,
-                           config=to_dict(run.cfg), iteration=state.iteration, metrics=metrics, resume_state=extra)
-
-
-def _rng_state(rank_rng: list[Any] | None) -> dict[str, Any]:
-    """This process's generators (CPU and every CUDA device) and, under torchrun, every process's own."""
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if rank_rng is not None:  # under torchrun: each process's own state (dropout differs per process)
-        rng["ranks"] = rank_rng
-    return rng
-
-
-def _set_rng_state(rng: dict[str, Any], rt: dist.Runtime) -> None:
-    """Restore what :func:`_rng_state` saved; each torchrun process continues its own random stream."""
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and rt.device.type == "cuda":
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    ranks = rng.get("ranks") or []
-    if rt.distributed and len(ranks) == rt.world_size:
-        torch.set_rng_state(ranks[rt.rank]["torch"])
-        if ranks[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
-            torch.cuda.set_rng_state(ranks[rt.rank]["cuda"], rt.device)
-
-
-def _rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
-    """Every process's RNG state (CPU, and its own CUDA device's), for rank 0's last.pth; None in one process.
-
-    A collective: every process calls it at the same point.
-    """
-    if not rt.distributed:
-        return None
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
-    states: list[Any] = [None] * rt.world_size
-    torch_dist.all_gather_object(states, mine)
-    return states
+                           config=to_dict(run.cfg), iteration=state.iteration, metrics=metrics,
+                           resume_state=state.resume_state(rank_rng) if resumable else None)
 
 
 def _agreed_signal(stop: interrupt.StopRequest, rt: dist.Runtime) -> int | None:
@@ -537,7 +436,7 @@ def _stop_if_signalled(run: _Run, state: TrainState, stop: interrupt.StopRequest
     cfg, rt, done = run.cfg, run.rt, state.iteration
     last_path = Path(cfg.work_dir) / "last.pth"
     unsaved = done > state.saved_at
-    rank_rng = _rank_rng_states(rt) if unsaved else None
+    rank_rng = rank_rng_states(rt) if unsaved else None
     if rt.is_main and unsaved:
         # No metrics: they would belong to an earlier iteration than the weights.
         atomic_save(_checkpoint(run, state, {}, rank_rng, resumable=True), last_path)

@@ -14,7 +14,8 @@ from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
 from mirseg.constants import IGNORE_INDEX
-from mirseg.train import IterationSampler, TrainingDiverged, auto_class_weight, poly_lr, segmentation_loss, train
+from mirseg.data.sampler import IterationSampler
+from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, segmentation_loss, train
 
 
 @pytest.fixture(scope="module")
