@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from archs import one_per_family
 from torch import nn
 
 from mirseg.checkpoint import atomic_save, make_checkpoint
@@ -25,7 +26,7 @@ from mirseg.export import (
     traceable_resize,
 )
 from mirseg.infer import load_predictor, run_inference
-from mirseg.models import MODELS, build_model
+from mirseg.models import build_model
 from mirseg.models import fastscnn as fastscnn_module
 
 CLASSES = ["background", "road", "car"]
@@ -91,11 +92,7 @@ def test_onnx_matches_pytorch_at_any_size(arch, tmp_path):
     assert json.loads(props["mirseg"]) == meta == read_metadata(out)
 
 
-# One network of each family in the default suite; the larger variants of the same code only in CI (RUN_SLOW=1).
-FAMILIES = ("fastscnn", "deeplabv3plus_r18", "hrnet_w18s", "ocrnet_hr18s")
-
-
-@pytest.mark.parametrize("arch", [a if a in FAMILIES else pytest.param(a, marks=pytest.mark.slow) for a in MODELS])
+@pytest.mark.parametrize("arch", one_per_family())
 def test_torchscript_traces_every_architecture_for_any_size(arch, tmp_path):
     ckpt = tmp_path / "m.pth"
     _save_checkpoint(ckpt, arch)
