@@ -3,7 +3,8 @@
 ``train(cfg)`` is what ``mirseg train`` and the YMIR executor call. The loop is iteration-based,
 as the original mmseg configs are: SGD with momentum, poly learning-rate decay over ``max_iters``,
 cross-entropy (ignore 255, mean over labelled pixels) on the decode head plus the weighted
-auxiliary heads, evaluation and checkpoints every ``interval`` iterations.
+auxiliary heads (:func:`mirseg.loss.segmentation_loss`), evaluation and checkpoints every
+``interval`` iterations.
 
 It reads top to bottom: ``_train`` is the set-up in named steps (data, model + weights, optimiser +
 schedule, class weights, resume, loader, logs) and then the loop. What the loop changes and
@@ -17,7 +18,6 @@ import dataclasses
 import logging
 import math
 import shlex
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +36,6 @@ from mirseg import dist, interrupt, pretrained
 from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, make_checkpoint, read_checkpoint
 from mirseg.checkpoint import user_classes as _user_classes  # evaluate_checkpoint's name for it
 from mirseg.config import TrainConfig, check_output_dirs, save_config, to_dict
-from mirseg.constants import IGNORE_INDEX
 from mirseg.data.check import check_data, crop_padding_warning
 from mirseg.data.dataset import DatasetError, SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
@@ -45,6 +44,7 @@ from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
 from mirseg.infer import predict_logits
+from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
 from mirseg.train_state import TrainState, rank_rng_states
@@ -71,38 +71,6 @@ class TrainResult:
 def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
     """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``."""
     return lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
-
-
-def auto_class_weight(counts: np.ndarray) -> list[float]:
-    """Inverse square-root pixel frequency, normalised to a mean of 1 over present classes, clipped to [0.1, 10]."""
-    present = counts > 0
-    weights = np.ones(len(counts))
-    if present.any():
-        freq = counts[present] / counts[present].sum()
-        w = 1.0 / np.sqrt(freq)
-        weights[present] = w / w.mean()
-    return [float(v) for v in np.clip(weights, 0.1, 10.0)]
-
-
-def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tuple[float, ...],
-                      class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy on ``out["out"]`` plus weighted auxiliary heads; averages over non-ignored pixels.
-
-    Logits ``(N, K, H, W)`` are fp32 for the loss even under autocast; labels ``(N, H, W)`` int64.
-    Returns the total and each part as a float for logging.
-    """
-    def ce(logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=IGNORE_INDEX)
-
-    decode = ce(out["out"])
-    parts = {"decode": decode.detach()}
-    total = decode
-    for i, (w, aux) in enumerate(zip(aux_weights, out.get("aux", []))):
-        a = ce(aux)
-        parts[f"aux{i}"] = a.detach()
-        total = total + w * a
-    parts["total"] = total.detach()
-    return total, {k: float(v) for k, v in parts.items()}
 
 
 @torch.no_grad()
@@ -414,23 +382,10 @@ def _checkpoint(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng:
                            resume_state=state.resume_state(rank_rng) if resumable else None)
 
 
-def _agreed_signal(stop: interrupt.StopRequest, rt: dist.Runtime) -> int | None:
-    """The signal to stop on, the same in every process: SIGTERM if any process got one, else SIGINT if any did.
-
-    Signals reach the processes of a torchrun group at different moments; summing one vote per
-    process and signal makes them all stop after the same iteration.
-    """
-    if not rt.distributed:
-        return stop.signum
-    votes = torch.tensor([stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM], dtype=torch.int32)
-    votes = dist.all_reduce_sum(votes, rt).cpu()
-    return signal.SIGTERM if votes[1] else signal.SIGINT if votes[0] else None
-
-
 def _stop_if_signalled(run: _Run, state: TrainState, stop: interrupt.StopRequest) -> None:
     """If any process got SIGINT / SIGTERM: save a resumable last.pth at this iteration (rank 0), close the
     logs and raise :class:`Interrupted`; otherwise nothing."""
-    signum = _agreed_signal(stop, run.rt)
+    signum = dist.agreed_signal(stop.signum, run.rt)
     if signum is None:
         return
     cfg, rt, done = run.cfg, run.rt, state.iteration

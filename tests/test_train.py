@@ -15,7 +15,8 @@ from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.sampler import IterationSampler
-from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, segmentation_loss, train
+from mirseg.loss import auto_class_weight, segmentation_loss
+from mirseg.train import TrainingDiverged, poly_lr, train
 
 
 @pytest.fixture(scope="module")
