@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
+from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.export import export  # noqa: E402
@@ -55,7 +55,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:
+def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:
     """Random weights with BatchNorm statistics from random inputs (fresh ones make HRNet's logits explode)."""
     torch.manual_seed(0)
     model = build_model(arch, num_classes)
@@ -67,10 +67,9 @@ def make_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: i
         for _ in range(2):
             model(torch.randn(2, 3, 128, 256))
     h, w = size
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch,
-                 "class_names": ["background"] + [f"class{i}" for i in range(1, num_classes)],
-                 "ignore_blank_area": False, "iteration": 0, "metrics": {}, "model": model.eval().state_dict(),
-                 "config": {"config_file": arch, "img_scale": [w, h], "test_mode": "whole"}}, path)
+    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    config = {"config_file": arch, "img_scale": [w, h], "test_mode": "whole"}
+    atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -161,7 +160,7 @@ def main() -> None:
         write_atomic(warm / first.name, first.read_bytes())
         for arch in models:
             ckpt = tmp / f"{arch}.pth"
-            make_checkpoint(arch, ckpt, (h, w))
+            random_checkpoint(arch, ckpt, (h, w))
             cfg = build_config(InferConfig, dict(checkpoint=str(ckpt), images=str(data.images),
                                                  out_dir=str(tmp / "out"), device=str(device),
                                                  samples_per_gpu=args.batch, workers_per_gpu=args.workers))

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mirseg.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: E402
+from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import MineConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
@@ -47,7 +47,7 @@ from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.models import build_model  # noqa: E402
 
 
-def make_checkpoint(path: Path, num_classes: int, size: tuple[int, int]) -> None:
+def random_checkpoint(path: Path, num_classes: int, size: tuple[int, int]) -> None:
     """A FastSCNN checkpoint with random weights and BatchNorm statistics of random inputs."""
     torch.manual_seed(0)
     model = build_model("fastscnn", num_classes)
@@ -59,10 +59,9 @@ def make_checkpoint(path: Path, num_classes: int, size: tuple[int, int]) -> None
         for _ in range(2):
             model(torch.randn(2, 3, 128, 256))
     h, w = size
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": 1, "arch": "fastscnn",
-                 "class_names": ["background"] + [f"class{i}" for i in range(1, num_classes)],
-                 "ignore_blank_area": False, "iteration": 0, "metrics": {}, "model": model.eval().state_dict(),
-                 "config": {"config_file": "fastscnn", "img_scale": [w, h], "test_mode": "whole"}}, path)
+    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    config = {"config_file": "fastscnn", "img_scale": [w, h], "test_mode": "whole"}
+    atomic_save(make_checkpoint(model.eval(), "fastscnn", names, config=config), path)
 
 
 def load() -> str:
@@ -89,7 +88,7 @@ def speed(args: argparse.Namespace, tmp: Path) -> None:
     warm = tmp / "warm.txt"
     write_atomic(warm, "\n".join(paths[:2]) + "\n")
     ckpt = tmp / "fastscnn.pth"
-    make_checkpoint(ckpt, args.classes, (h, w))
+    random_checkpoint(ckpt, args.classes, (h, w))
     predictor = load_predictor(ckpt, device="cpu")
     algorithms = args.algorithms
     print(f"## speed: {args.images} generated {h}x{w} PNG images, img_scale {w}x{h}, FastSCNN with {args.classes} "
@@ -118,7 +117,7 @@ def memory(args: argparse.Namespace, tmp: Path) -> None:
     data = make_dataset(tmp / "pool", max(counts), size=(h, w), num_classes=3, seed=1)
     paths = sorted(str(p) for p in data.images.iterdir())
     ckpt = tmp / "fastscnn_mem.pth"
-    make_checkpoint(ckpt, args.classes, (h, w))
+    random_checkpoint(ckpt, args.classes, (h, w))
     print(f"\n## memory: RSAL over N generated {h}x{w} images, img_scale {w}x{h}, a fresh process per N")
     print("| candidates | peak RSS main (MB) | peak RSS loader worker (MB) | seconds |")
     print("|---|---|---|---|")

@@ -19,19 +19,21 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # tests/toy.py: the toy model
+
+from toy import train_toy_fastscnn  # noqa: E402
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.images import write_image  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
-from mirseg.demo import toy_fastscnn  # noqa: E402
 from mirseg.infer import run_inference  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "images"
 
 
 def toy_model(root: Path) -> Path:
-    """The tests' toy FastSCNN (tests/conftest.py::trained_fastscnn); returns its best checkpoint."""
-    return toy_fastscnn(root)[0]
+    """The tests' toy FastSCNN (tests/toy.py); returns its best checkpoint."""
+    return train_toy_fastscnn(root).result.best
 
 
 def infer_overlay(root: Path, ckpt: Path) -> np.ndarray:

@@ -1,10 +1,15 @@
 """Saving and loading weights: mirseg checkpoints, mmsegmentation checkpoints, bare state dicts.
 
-A mirseg checkpoint is a plain dict::
+A mirseg checkpoint is a plain dict, made by :func:`make_checkpoint` (training, the benches, the
+tests: every writer)::
 
     {"format": "mirseg", "version": 1, "arch": str, "class_names": [...],
-     "ignore_blank_area": bool, "config": {...resolved config...}, "iteration": int,
-     "metrics": {...}, "model": state_dict, "optimizer": ..., "scheduler": ...}
+     "ignore_blank_area": bool, "background_index": int | None, "config": {...resolved config...},
+     "iteration": int, "metrics": {...}, "model": state_dict,
+     # training's last.pth also: "optimizer", "scheduler", "best", "rng" (and "scaler" under AMP)}
+
+``background_index`` is the model's class of unannotated pixels (0, or None when there is none);
+every reader asks :func:`background_index`, which falls back to the old rule for files without it.
 
 mmsegmentation's are ``{"meta": {...}, "state_dict": {...}, "optimizer": ...}``; our module names
 are mmseg's, so their ``state_dict`` loads as is.
@@ -22,6 +27,7 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +36,65 @@ import numpy as np
 import torch
 from torch import nn
 
+from mirseg.constants import BACKGROUND
 from mirseg.errors import MirsegError, MissingFileError
 from mirseg.fileio import atomic_path
 
 log = logging.getLogger("mirseg")
 
 CHECKPOINT_FORMAT = "mirseg"
+CHECKPOINT_VERSION = 1  # additions (background_index) keep it: a reader of version 1 ignores keys it does not know
 
 
 class CheckpointError(MirsegError, ValueError):
     """A weights file that cannot be used: not a checkpoint, refused by safe loading, or not fitting the model."""
+
+
+def background_index(meta: Mapping[str, Any], source: str = "checkpoint") -> int | None:
+    """The model's class index of background (the unannotated pixels), or None when the model has no such class.
+
+    ``meta``: a checkpoint, or anything with its ``class_names`` / ``ignore_blank_area`` (export
+    metadata, a predictor's fields). The stored ``background_index`` wins; files written before it
+    was stored get the rule that made it: class 0 named "background" and ``ignore_blank_area`` false.
+    """
+    names = list(meta.get("class_names") or [])
+    if "background_index" in meta:
+        value = meta["background_index"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < len(names)):
+            raise CheckpointError(f"{source}: background_index {value!r} is not a class index (0..{len(names) - 1}) "
+                                  "or null; save the checkpoint again with mirseg")
+        return value
+    return 0 if not meta.get("ignore_blank_area", False) and names[:1] == [BACKGROUND] else None
+
+
+def user_classes(ckpt: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, ...]:
+    """The classes a config names for ``ckpt``'s model: its classes without the background class (the COCO
+    layout adds that one itself when ``ignore_blank_area`` is false)."""
+    skip = background_index(ckpt, source)
+    return tuple(str(n) for i, n in enumerate(ckpt.get("class_names") or []) if i != skip)
+
+
+def make_checkpoint(model: nn.Module, arch: str, class_names: Sequence[str], *, ignore_blank_area: bool = False,
+                    config: Mapping[str, Any] | None = None, iteration: int = 0,
+                    metrics: Mapping[str, Any] | None = None,
+                    resume_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A mirseg checkpoint of ``model`` (the module doc lists the keys); the one place that lays one out.
+
+    ``config``: the resolved config as a plain dict (what ``load_predictor`` and ``mirseg eval``
+    start from). ``resume_state``: what ``resume=true`` needs besides the weights (optimizer,
+    scheduler, best, rng, scaler), for training's last.pth.
+    """
+    names = [str(n) for n in class_names]
+    ckpt: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "class_names": names,
+        "ignore_blank_area": bool(ignore_blank_area),
+        "background_index": background_index({"class_names": names, "ignore_blank_area": ignore_blank_area}),
+        "config": dict(config or {}), "iteration": int(iteration), "metrics": dict(metrics or {}),
+        "model": model.state_dict(),
+    }
+    ckpt.update(resume_state or {})
+    return ckpt
 
 
 def _numpy_safe_globals() -> list[Any]:

@@ -115,7 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mirseg.checkpoint import read_checkpoint
-    from mirseg.train import evaluate_checkpoint
+    from mirseg.evaluate import evaluate_checkpoint
 
     # The checkpoint's own config (test scale, mode, background mode) is the default; whether to trust
     # the file is this run's choice (the keys given here), never inherited from the file itself.

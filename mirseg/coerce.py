@@ -21,8 +21,28 @@ import yaml
 
 from mirseg.errors import ConfigError, MissingFileError
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0", ""}
+TRUE_WORDS = ("true", "t", "yes", "on", "1")
+FALSE_WORDS = ("false", "f", "no", "off", "0", "none", "")
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """``value`` as a boolean, for every true/false key of mirseg and of YMIR's env.yaml.
+
+    Accepts a bool, the numbers 0 and 1, None (false) and, in any case and with surrounding
+    spaces, :data:`TRUE_WORDS` / :data:`FALSE_WORDS` (the empty string is false); anything else
+    is a ConfigError naming ``key`` and the spellings.
+    """
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise ConfigError(f"{key}: expected true or false, got {value!r} (true: {', '.join(TRUE_WORDS)}; false: "
+                      f"{', '.join(w or repr(w) for w in FALSE_WORDS)})")
 
 
 
@@ -64,13 +84,7 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
         return tuple(coerce(key, v, a) for v, a in zip(value, args))
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return parse_bool(value, key)
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")

@@ -230,7 +230,7 @@ EVAL_KEYS: tuple[str, ...] = (
     "val_ann", "val_images", "val_labels", "coco_class_by", "img_scale", "test_mode", "slide_crop", "slide_stride",
     "device", "trust_checkpoint",
 )
-"""The TrainConfig keys ``mirseg eval`` uses (read by ``train.evaluate_checkpoint``); any other key is an error.
+"""The TrainConfig keys ``mirseg eval`` uses (read by ``evaluate.evaluate_checkpoint``); any other key is an error.
 
 The architecture, the classes and the background mode (``config_file``, ``class_names``,
 ``ignore_blank_area``) come from the checkpoint, so a value for them would be ignored or contradict it.

@@ -26,7 +26,7 @@ import numpy as np
 
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
 from mirseg.data.images import read_image, write_image
-from mirseg.data.synthetic import make_dataset, make_street_dataset
+from mirseg.data.synthetic import make_street_dataset
 from mirseg.errors import EXIT_FAILED, EXIT_OK, ConfigError
 from mirseg.fileio import write_atomic
 from mirseg.infer import run_inference
@@ -59,22 +59,6 @@ class Plan:
 
 QUICK = Plan(size=(64, 128), crop=64, train=16, val=6, pool=16, iters=120, ymir_iters=8)
 FULL = Plan(size=(128, 256), crop=128, train=60, val=12, pool=120, iters=1200, ymir_iters=30)
-
-
-def toy_fastscnn(root: str | Path) -> tuple[Path, object, object, dict]:
-    """A FastSCNN trained in ~15 s on generated shapes (background, disc, box; 96x128): for tests and docs.
-
-    Returns (best checkpoint, train SyntheticSet, val SyntheticSet, best metrics).
-    """
-    root = Path(root)
-    tr = make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True)
-    va = make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True)
-    cfg = build_config(TrainConfig, dict(
-        train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
-        crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, scale_lr=False,
-        max_iters=300, interval=300, work_dir=str(root / "run"), pretrained="none"))
-    result = train(cfg)
-    return Path(result.best), tr, va, result.best_metrics
 
 
 @dataclass(frozen=True)

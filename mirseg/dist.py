@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,20 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
         t = t.to(rt.device)
         torch_dist.all_reduce(t)
     return t
+
+
+def agreed_signal(signum: int | None, rt: Runtime) -> int | None:
+    """The signal to stop on, the same in every process: SIGTERM if any process got one, else SIGINT if any did.
+
+    ``signum``: the signal this process got (None: none). Signals reach the processes of a torchrun
+    group at different moments; summing one vote per process and signal makes them all stop after
+    the same iteration. A collective under torchrun: every process calls it at the same point.
+    """
+    if not rt.distributed:
+        return signum
+    votes = torch.tensor([signum == signal.SIGINT, signum == signal.SIGTERM], dtype=torch.int32)
+    votes = all_reduce_sum(votes, rt).cpu()
+    return signal.SIGTERM if votes[1] else signal.SIGINT if votes[0] else None
 
 
 def barrier(rt: Runtime) -> None:

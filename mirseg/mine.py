@@ -77,16 +77,6 @@ class MineResult:
     masks: list[Path] = field(default_factory=list)  # masks written (save_masks)
 
 
-def mining_params(cfg: MineConfig) -> MiningParams:
-    """The algorithm knobs of ``cfg``; raises ValueError on a bad name or range."""
-    return MiningParams(
-        superpixel_algorithm=cfg.superpixel_algorithm, max_superpixel_per_image=cfg.max_superpixel_per_image,
-        superpixel_cell=cfg.superpixel_cell, uncertainty_method=cfg.uncertainty_method,
-        topk_superpixel_score=cfg.topk_superpixel_score, max_kept_mining_image=cfg.max_kept_mining_image,
-        class_balance=cfg.class_balance, ripu_region_radius=cfg.ripu_region_radius, reduction=cfg.reduction,
-        topk_percent=cfg.topk_percent, seed=cfg.seed, region_budget=cfg.region_budget)
-
-
 def _check(cfg: MineConfig) -> None:
     if cfg.sampling not in ("top", "power"):
         raise ConfigError(f"sampling must be 'top' or 'power', got {cfg.sampling!r}")
@@ -172,7 +162,7 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     SIGINT / SIGTERM and ``cfg.resume``: see the module docstring.
     """
     miner = get_algorithm(cfg.mining_algorithm)
-    params = mining_params(cfg)
+    params = MiningParams.from_config(cfg)
     _check(cfg)
     check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     paths = _unique(list_images(cfg.images))
@@ -364,4 +354,4 @@ def _write_report(cfg: MineConfig, miner: Miner, predictor: Predictor | None, ou
     log.info("report of the top %d images -> %s", len(images), out_dir / "report.html")
 
 
-__all__ = ["FAILED_SCORE", "MineResult", "draw_regions", "mine", "mining_params"]
+__all__ = ["FAILED_SCORE", "MineResult", "draw_regions", "mine"]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirseg.constants import BACKGROUND
+from mirseg.checkpoint import background_index as background_rule
 from mirseg.errors import ConfigError
 from mirseg.models._blocks import fuse_conv_bn
 
@@ -55,10 +55,8 @@ class Predictor:
 
     @property
     def background_index(self) -> int | None:
-        """0 when the model has a background class (unannotated pixels), else None."""
-        if not self.ignore_blank_area and self.class_names and self.class_names[0] == BACKGROUND:
-            return 0
-        return None
+        """The model's class of unannotated pixels, or None (the one rule, in :mod:`mirseg.checkpoint`)."""
+        return background_rule({"class_names": self.class_names, "ignore_blank_area": self.ignore_blank_area})
 
     @property
     def num_classes(self) -> int:

@@ -1,13 +1,12 @@
 """Presets: one per architecture and crop, with the numbers of the mmseg config they mirror.
 
 ``config_file`` names a preset (:data:`PRESETS`) or one of the original image's mmseg config paths
-(:data:`MMSEG_CONFIGS`, each mapped to its preset and nominal schedule); :func:`resolve_preset`
+(:data:`MMSEG_CONFIGS`, each mapped to its preset and, for the docs, the config's schedule); :func:`resolve_preset`
 accepts both, with a "did you mean" for a typo.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Literal
@@ -25,7 +24,6 @@ class Preset:
     lr: float = 0.01
     weight_decay: float = 5e-4
     batch_size: int = 8  # total batch the schedule was designed for (GPUs x samples_per_gpu)
-    max_iters: int = 80000  # the config's nominal schedule
     test_mode: Literal["whole", "slide"] = "whole"
     slide_stride: tuple[int, int] = (513, 513)
 
@@ -33,22 +31,26 @@ class Preset:
 _P769 = dict(crop_size=(769, 769), img_scale=(2049, 1025), test_mode="slide")
 
 PRESETS: dict[str, Preset] = {
-    "fastscnn": Preset("fastscnn", lr=0.12, weight_decay=4e-5, batch_size=32, max_iters=160000),
+    "fastscnn": Preset("fastscnn", lr=0.12, weight_decay=4e-5, batch_size=32),
     "deeplabv3plus_r18": Preset("deeplabv3plus_r18"),
     "deeplabv3plus_r18_769": Preset("deeplabv3plus_r18", **_P769),
     "deeplabv3plus_r18b": Preset("deeplabv3plus_r18b"),
     "deeplabv3plus_r18b_769": Preset("deeplabv3plus_r18b", **_P769),
-    "deeplabv3plus_r50": Preset("deeplabv3plus_r50", max_iters=40000),
-    "deeplabv3plus_r50_769": Preset("deeplabv3plus_r50", max_iters=40000, **_P769),
-    "hrnet_w18s": Preset("hrnet_w18s", max_iters=40000),
-    "hrnet_w18": Preset("hrnet_w18", max_iters=40000),
-    "ocrnet_hr18s": Preset("ocrnet_hr18s", max_iters=40000),
-    "ocrnet_hr18": Preset("ocrnet_hr18", max_iters=40000),
+    "deeplabv3plus_r50": Preset("deeplabv3plus_r50"),
+    "deeplabv3plus_r50_769": Preset("deeplabv3plus_r50", **_P769),
+    "hrnet_w18s": Preset("hrnet_w18s"),
+    "hrnet_w18": Preset("hrnet_w18"),
+    "ocrnet_hr18s": Preset("ocrnet_hr18s"),
+    "ocrnet_hr18": Preset("ocrnet_hr18"),
 }
 
 
 def _mmseg_config_paths() -> dict[str, tuple[str, int]]:
-    """The original image's mmseg config paths -> (preset, nominal max_iters)."""
+    """The original image's mmseg config paths -> (preset, the config's schedule in iterations, for the docs).
+
+    A preset's own config (the one it mirrors, whose model-zoo weights are its pretrained start)
+    is the first path listed for it. ``max_iters`` is the user's key: a config path never sets it.
+    """
     table: dict[str, tuple[str, int]] = {
         "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py": ("fastscnn", 160000),
         "configs/deeplabv3plus/deeplabv3plus_r50-d8_512x1024_40k_cityscapes.py": ("deeplabv3plus_r50", 40000),
@@ -80,8 +82,7 @@ def resolve_preset(config_file: str) -> Preset:
     if "configs/" in norm:
         norm = "configs/" + norm.split("configs/", 1)[1]
     if norm in MMSEG_CONFIGS:
-        name, iters = MMSEG_CONFIGS[norm]
-        return dataclasses.replace(PRESETS[name], max_iters=iters)
+        return PRESETS[MMSEG_CONFIGS[norm][0]]
     choices = list(PRESETS) + list(MMSEG_CONFIGS)
     hint = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     raise ConfigError(

@@ -102,9 +102,8 @@ KNOWN: dict[str, WeightFile] = _known()
 
 # The config each preset mirrors: the one with the preset's name and nominal schedule.
 PRESET_CONFIG: dict[str, str] = {}
-for _path, (_preset, _iters) in MMSEG_CONFIGS.items():
-    if _iters == PRESETS[_preset].max_iters:
-        PRESET_CONFIG.setdefault(_preset, _path)
+for _path, (_preset, _iters) in MMSEG_CONFIGS.items():  # a preset's own config is the first listed for it
+    PRESET_CONFIG.setdefault(_preset, _path)
 
 
 def zoo_file(preset: str) -> WeightFile | None:

@@ -3,7 +3,13 @@
 ``train(cfg)`` is what ``mirseg train`` and the YMIR executor call. The loop is iteration-based,
 as the original mmseg configs are: SGD with momentum, poly learning-rate decay over ``max_iters``,
 cross-entropy (ignore 255, mean over labelled pixels) on the decode head plus the weighted
-auxiliary heads, evaluation and checkpoints every ``interval`` iterations.
+auxiliary heads (:func:`mirseg.loss.segmentation_loss`), evaluation and checkpoints every
+``interval`` iterations.
+
+It reads top to bottom: ``_train`` is the set-up in named steps (data, model + weights, optimiser +
+schedule, class weights, resume, loader, logs) and then the loop. What the loop changes and
+``last.pth`` keeps is a :class:`~mirseg.train_state.TrainState`; ``_Run`` is the fixed context the
+helpers share. The sample order is :class:`~mirseg.data.sampler.IterationSampler`'s.
 """
 
 from __future__ import annotations
@@ -12,36 +18,32 @@ import dataclasses
 import logging
 import math
 import shlex
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mirseg import dist, interrupt, pretrained
-from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, read_checkpoint
+from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from mirseg.config import TrainConfig, check_output_dirs, save_config, to_dict
-from mirseg.constants import IGNORE_INDEX
 from mirseg.data.check import check_data, crop_padding_warning
 from mirseg.data.dataset import DatasetError, SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
+from mirseg.data.sampler import IterationSampler
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform, TrainTransform
 from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileError
-from mirseg.metrics import ConfusionMatrix
+from mirseg.evaluate import evaluate, log_predictions, print_table
+from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.models import build_model
-from mirseg.predict import label_map, predict_batch, prepare_for_inference
-from mirseg.visualize import colorize
+from mirseg.train_state import TrainState, rank_rng_states
 
 log = logging.getLogger("mirseg")
 
@@ -62,145 +64,44 @@ class TrainResult:
     class_names: list[str] = field(default_factory=list)
 
 
-class IterationSampler(Sampler[list[int]]):
-    """Batches of indices for iterations ``start, start+1, ...`` of an endless shuffled stream.
-
-    The stream is one permutation per epoch, drawn from ``(seed, epoch)``; iteration ``it`` takes
-    stream positions ``[it*B, (it+1)*B)`` with ``B = batch * world_size``, and this process keeps
-    its slice. The index of position p in epoch e is ``e * n + perm_e[p]``, which SegDataset turns
-    into item ``perm_e[p]`` with the generator of ``(seed, e, item)``. So a resumed run sees exactly
-    the batches and augmentations of an uninterrupted one, whatever the number of workers.
-    """
-
-    def __init__(self, n: int, batch: int, seed: int, start_iter: int, max_iters: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.n, self.batch, self.seed = n, batch, seed
-        self.start_iter, self.max_iters = start_iter, max_iters
-        self.rank, self.world = rank, world_size
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def __len__(self) -> int:
-        return self.max_iters - self.start_iter
-
-    def __iter__(self) -> Iterator[list[int]]:
-        total = self.batch * self.world
-        cache: dict[int, torch.Tensor] = {}
-        for it in range(self.start_iter, self.max_iters):
-            first = it * total + self.rank * self.batch
-            batch = []
-            for pos in range(first, first + self.batch):
-                epoch, slot = divmod(pos, self.n)
-                if epoch not in cache:
-                    cache.clear()
-                    cache[epoch] = self._perm(epoch)
-                batch.append(epoch * self.n + int(cache[epoch][slot]))
-            yield batch
-
-
 def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
     """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``."""
     return lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
 
 
-def auto_class_weight(counts: np.ndarray) -> list[float]:
-    """Inverse square-root pixel frequency, normalised to a mean of 1 over present classes, clipped to [0.1, 10]."""
-    present = counts > 0
-    weights = np.ones(len(counts))
-    if present.any():
-        freq = counts[present] / counts[present].sum()
-        w = 1.0 / np.sqrt(freq)
-        weights[present] = w / w.mean()
-    return [float(v) for v in np.clip(weights, 0.1, 10.0)]
+# ---------------------------------------------------------------------------------------------
+# What a run carries
 
 
-def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tuple[float, ...],
-                      class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy on ``out["out"]`` plus weighted auxiliary heads; averages over non-ignored pixels.
+@dataclass
+class TrainData:
+    """The checked training and validation sets and the model's classes (background first when there is one)."""
 
-    Logits ``(N, K, H, W)`` are fp32 for the loss even under autocast; labels ``(N, H, W)`` int64.
-    Returns the total and each part as a float for logging.
-    """
-    def ce(logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=IGNORE_INDEX)
-
-    decode = ce(out["out"])
-    parts = {"decode": decode.detach()}
-    total = decode
-    for i, (w, aux) in enumerate(zip(aux_weights, out.get("aux", []))):
-        a = ce(aux)
-        parts[f"aux{i}"] = a.detach()
-        total = total + w * a
-    parts["total"] = total.detach()
-    return total, {k: float(v) for k, v in parts.items()}
+    train_set: SegDataset
+    val_set: SegDataset
+    class_names: list[str]
 
 
-def _predict_label(net: nn.Module, image: torch.Tensor, size: tuple[int, int], cfg: TrainConfig,
-                   rt: dist.Runtime) -> torch.Tensor:
-    """The label map ``(H, W)`` at ``size`` of a normalised ``(3, h, w)`` image at the test scale: the
-    probabilities at the working size (``predict_batch``), then ``label_map``, as ``mirseg infer`` writes it."""
-    proba = predict_batch(net, [image[None].to(rt.device)], tuple(image.shape[-2:]), cfg.test_mode, cfg.slide_crop,
-                          cfg.slide_stride)  # (1, C, h, w)
-    return label_map(proba[0], size)[0]
+@dataclass
+class _Run:
+    """The fixed context of one run: config, process group, data, and rank 0's logs (None on other ranks)."""
+
+    cfg: TrainConfig
+    rt: dist.Runtime
+    data: TrainData
+    writer: Any = None  # TensorBoard SummaryWriter
+    bar: Any = None  # tqdm progress bar
+    t0: float = field(default_factory=time.perf_counter)
+
+    def close_logs(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def confusion(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
-              max_images: int | None = None) -> ConfusionMatrix:
-    """The confusion matrix on ``dataset`` at each image's original resolution, summed over the process group.
-
-    Images are resized to the test scale for the network; the probabilities go back to the label's
-    size (bilinear) before the argmax, the one path of ``mirseg infer`` (:mod:`mirseg.predict`). In a
-    process group each process takes every world_size-th image.
-    """
-    cm = ConfusionMatrix(num_classes)
-    indices = range(rt.rank, len(dataset) if max_images is None else min(max_images, len(dataset)), rt.world_size)
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    for i in indices:
-        image, label = dataset[i]  # (3, h, w) float, (H, W) int64 at the original size
-        cm.update(_predict_label(net, image, tuple(label.shape[-2:]), cfg, rt).cpu(), label)
-    cm.mat = dist.all_reduce_sum(cm.mat.clone(), rt).cpu()  # the sum over processes (this one's included once)
-    return cm
-
-
-def evaluate(model: nn.Module, dataset: SegDataset, cfg: TrainConfig, rt: dist.Runtime, num_classes: int,
-             max_images: int | None = None) -> dict[str, Any]:
-    """mIoU/mAcc/aAcc and per-class IoU on ``dataset`` at each image's original resolution (:func:`confusion`)."""
-    return confusion(model, dataset, cfg, rt, num_classes, max_images).compute()
-
-
-def _checkpoint(model: nn.Module, cfg: TrainConfig, class_names: list[str], iteration: int,
-                metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                scheduler: Any = None, best: dict[str, Any] | None = None,
-                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> dict[str, Any]:
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "version": 1, "arch": cfg.model, "class_names": list(class_names),
-        "ignore_blank_area": cfg.ignore_blank_area, "config": to_dict(cfg), "iteration": iteration,
-        "metrics": metrics, "model": net.state_dict(),
-    }
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-        ckpt["scheduler"] = scheduler.state_dict()
-        ckpt["best"] = best or {}
-        ckpt["rng"] = {"torch": torch.get_rng_state(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        if rank_rng is not None:  # under torchrun: each process's own state (dropout differs per process)
-            ckpt["rng"]["ranks"] = rank_rng
-        if scaler is not None and scaler.is_enabled():  # AMP loss scale: a resumed run must not re-learn it
-            ckpt["scaler"] = scaler.state_dict()
-    return ckpt
-
-
-def _print_table(class_names: list[str], metrics: dict[str, Any]) -> None:
-    width = max(len(n) for n in class_names) + 2
-    lines = [f"{'class':<{width}}{'IoU':>8}{'Acc':>8}"]
-    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
-        lines.append(f"{name:<{width}}{iou * 100:8.2f}{acc * 100:8.2f}")
-    lines.append(f"{'mean':<{width}}{metrics['mIoU'] * 100:8.2f}{metrics['mAcc'] * 100:8.2f}"
-                 f"   aAcc {metrics['aAcc'] * 100:.2f}")
-    log.info("per-class results:\n%s", "\n".join(lines))
+# ---------------------------------------------------------------------------------------------
+# The run: the set-up in named steps, then the loop
 
 
 def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
@@ -223,38 +124,104 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     check_output_dirs(cfg)  # a work_dir that is a file fails before any work
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
-    work_dir = Path(cfg.work_dir)
+    # The order matters for exact resume: the model's initialisation draws from the seeded generator.
+    cfg, data = _load_data(cfg, rt)
+    cfg, model = _build_model(cfg, len(data.class_names), rt)
+    state = _make_optimizer(cfg, model, rt)
+    class_weight = _class_weight(cfg, data, rt)
+    if cfg.resume:
+        _resume(state, cfg, data.class_names, rt)
+    if rt.distributed:
+        state.model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index]
+                                                          if rt.device.type == "cuda" else None)
+    loader = _loader(data.train_set, cfg, rt, state.iteration)
+    run = _open_logs(cfg, rt, data, state.iteration)
+    model, aux_weights = state.model, state.net.aux_weights
+    use_amp = state.scaler.is_enabled()
 
-    # -- data
-    train_split = load_split(cfg, "train")
-    val_split = load_split(cfg, "val")
+    last_metrics: dict[str, Any] = {}
+    model.train()
+    # One OpenCV thread per loader worker (they already run in parallel), set around the fork: calling
+    # cv2.setNumThreads inside a forked worker deadlocks once this process's OpenCV pool has run.
+    with opencv_threads(1 if cfg.workers_per_gpu > 0 else None):
+        batches = iter(loader)
+    _stop_if_signalled(run, state, stop)  # a signal during the set-up
+    for it, (images, labels) in enumerate(batches, start=state.iteration):
+        images = images.to(rt.device, non_blocking=True)
+        labels = labels.to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
+            out = model(images)
+        loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)
+        if not math.isfinite(parts["total"]):
+            raise TrainingDiverged(f"loss is {parts['total']} at iteration {it + 1}; lower lr (now "
+                                   f"{state.scheduler.get_last_lr()[0]:g}) or check the labels")
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        state.iteration = done = it + 1
+
+        if rt.is_main:
+            _log_step(run, done, parts, state.optimizer.param_groups[0]["lr"])
+            if progress is not None:
+                progress(done / cfg.max_iters)
+        if done % cfg.interval == 0 or done == cfg.max_iters:
+            model.eval()
+            metrics = evaluate(model, data.val_set, cfg, rt, len(data.class_names)) if len(data.val_set) else {}
+            model.train()
+            last_metrics = metrics
+            _after_eval(run, state, metrics, rank_rng_states(rt))
+        # Checked after every step, so a run stops within one iteration; under torchrun this is one
+        # tiny all_reduce per iteration (the loop already waits for the loss value every iteration).
+        if done < cfg.max_iters:  # on the last iteration the run is complete anyway
+            _stop_if_signalled(run, state, stop)
+    run.close_logs()
+    dist.teardown(rt)
+    if rt.is_main and last_metrics:
+        print_table(data.class_names, last_metrics)
+    work_dir = Path(cfg.work_dir)
+    best_path = work_dir / "best.pth"
+    return TrainResult(work_dir=work_dir, best=best_path if best_path.exists() else None, last=work_dir / "last.pth",
+                       best_metrics=state.best.get("metrics", {}), last_metrics=last_metrics,
+                       class_names=data.class_names)
+
+
+# -- set-up
+
+
+def _load_data(cfg: TrainConfig, rt: dist.Runtime) -> tuple[TrainConfig, TrainData]:
+    """The checked train and val sets; ``cfg`` gets the resolved user classes, so its saved copy trains again."""
+    train_split, val_split = load_split(cfg, "train"), load_split(cfg, "val")
     class_names = train_split.class_names
-    num_classes = len(class_names)
     # Every image header and label, before the model: all problems in one error (or skipped). Each rank
     # checks for itself (reading headers is cheap), so all ranks agree on the samples without a broadcast.
-    checked = check_data({"train": train_split.samples, "val": val_split.samples}, num_classes,
+    checked = check_data({"train": train_split.samples, "val": val_split.samples}, len(class_names),
                          workers=cfg.workers_per_gpu, skip_bad=cfg.skip_bad_images, report=rt.is_main)
-    train_split.samples, val_split.samples = checked["train"].samples, checked["val"].samples
     padding = crop_padding_warning(checked["train"].sizes, cfg.crop_size, cfg.img_scale, cfg.ratio_range)
     if padding and rt.is_main:
         log.warning("%s", padding)
-    # The resolved user classes go into the saved config, so it trains again as it is.
-    user_classes = class_names if cfg.train_labels or cfg.ignore_blank_area else class_names[1:]
-    cfg = dataclasses.replace(cfg, class_names=tuple(user_classes))
+    cfg = dataclasses.replace(cfg, class_names=tuple(train_split.user_classes))
     train_tf = TrainTransform(crop_size=cfg.crop_size, scale=cfg.img_scale, ratio_range=cfg.ratio_range,
                               cat_max_ratio=cfg.cat_max_ratio)
-    train_set = SegDataset(train_split.samples, train_tf, seed=cfg.seed)
-    val_set = SegDataset(val_split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
+    train_set = SegDataset(checked["train"].samples, train_tf, seed=cfg.seed)
+    val_set = SegDataset(checked["val"].samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
     if len(train_set) == 0:
         raise DatasetError("the training set is empty: check train_ann / train_images / train_labels")
+    return cfg, TrainData(train_set, val_set, class_names)
 
-    # -- model, optimiser, schedule
+
+def _build_model(cfg: TrainConfig, num_classes: int, rt: dist.Runtime) -> tuple[TrainConfig, nn.Module]:
+    """The network with its starting weights (``weights=``, else the pretrained start), on the device."""
     model = build_model(cfg.model, num_classes)
-    cfg = pretrained.initialise(model, cfg, verbose=rt.is_main)  # weights=, else the pretrained start
+    cfg = pretrained.initialise(model, cfg, verbose=rt.is_main)  # cfg records the start it used
     if rt.distributed and rt.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BN statistic across GPUs
-    model.to(rt.device)
-    aux_weights = model.aux_weights
+    return cfg, model.to(rt.device)
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module, rt: dist.Runtime) -> TrainState:
+    """SGD with momentum, the poly schedule over ``max_iters`` and the AMP scaler, at iteration 0."""
     total_batch = cfg.samples_per_gpu * rt.world_size
     lr = cfg.lr
     if cfg.scale_lr and total_batch != cfg.preset.batch_size:
@@ -265,269 +232,141 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr(lr, min(cfg.min_lr, lr), cfg.power,
                                                                      cfg.max_iters))
-    class_weight = None
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and rt.device.type == "cuda")
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def _class_weight(cfg: TrainConfig, data: TrainData, rt: dist.Runtime) -> torch.Tensor | None:
+    """The loss's per-class weights: ``class_weight=auto`` from the label histogram, a list as given, else None."""
+    names = data.class_names
     if cfg.class_weight == "auto":
-        weights = auto_class_weight(label_histogram(train_set, num_classes))
-        log.info("class weights (auto): %s", ", ".join(f"{n}={w:.3f}" for n, w in zip(class_names, weights)))
-        class_weight = torch.tensor(weights, device=rt.device)
-    elif cfg.class_weight:
-        if len(cfg.class_weight) != num_classes:
-            raise ConfigError(f"class_weight has {len(cfg.class_weight)} values but there are {num_classes} classes "
-                             f"({', '.join(class_names)})")
-        class_weight = torch.tensor(cfg.class_weight, device=rt.device, dtype=torch.float32)
+        weights = auto_class_weight(label_histogram(data.train_set, len(names)))
+        log.info("class weights (auto): %s", ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights)))
+        return torch.tensor(weights, device=rt.device)
+    if cfg.class_weight:
+        if len(cfg.class_weight) != len(names):
+            raise ConfigError(f"class_weight has {len(cfg.class_weight)} values but there are {len(names)} classes "
+                              f"({', '.join(names)})")
+        return torch.tensor(cfg.class_weight, device=rt.device, dtype=torch.float32)
+    return None
 
-    use_amp = cfg.amp and rt.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    # -- resume
-    start_iter, best = 0, {"mIoU": -1.0, "iteration": 0, "metrics": {}}
-    last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
-    if cfg.resume:
-        if not last_path.is_file():
-            raise MissingFileError(f"nothing to resume in {work_dir}: it has no last.pth (a run saves one at every "
-                                   "interval and when it is interrupted); check work_dir, or train without --resume")
-        ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
-        if ckpt.get("class_names") != class_names:
-            raise ConfigError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_iter, best = ckpt["iteration"], ckpt.get("best") or best
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] and rt.device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        ranks = ckpt["rng"].get("ranks") or []
-        if rt.distributed and len(ranks) == rt.world_size:  # each process continues its own random stream
-            torch.set_rng_state(ranks[rt.rank]["torch"])
-            if ranks[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
-                torch.cuda.set_rng_state(ranks[rt.rank]["cuda"], rt.device)
-        if ckpt.get("scaler") and use_amp:
-            scaler.load_state_dict(ckpt["scaler"])
-        log.info("resumed from %s at iteration %d", last_path, start_iter)
-    if rt.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                                    else None)
-    net = model.module if rt.distributed else model
+def _resume(state: TrainState, cfg: TrainConfig, class_names: list[str], rt: dist.Runtime) -> None:
+    """Load ``work_dir/last.pth`` into ``state`` and the random generators: the run goes on as if never stopped."""
+    work_dir = Path(cfg.work_dir)
+    last_path = work_dir / "last.pth"
+    if not last_path.is_file():
+        raise MissingFileError(f"nothing to resume in {work_dir}: it has no last.pth (a run saves one at every "
+                               "interval and when it is interrupted); check work_dir, or train without --resume")
+    ckpt = read_checkpoint(last_path, cfg.trust_checkpoint)
+    if ckpt.get("class_names") != class_names:
+        raise ConfigError(f"{last_path} was trained on classes {ckpt.get('class_names')}, not {class_names}")
+    state.restore(ckpt, rt)
+    log.info("resumed from %s at iteration %d", last_path, state.iteration)
 
+
+def _loader(train_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime, start_iter: int) -> DataLoader:
+    """Batches for iterations ``start_iter + 1 .. max_iters``, the same whether the run was resumed or not."""
     sampler = IterationSampler(len(train_set), cfg.samples_per_gpu, cfg.seed, start_iter, cfg.max_iters,
                                rt.rank, rt.world_size)
     # The loader gets its own generator: drawing worker seeds from the global one would shift the
     # dropout randomness of a resumed run against an uninterrupted one.
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
-                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
+                      pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
-    writer = None
-    if rt.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, work_dir / "config.yaml")
-        writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
-        log.info("training %s on %d images (%d classes: %s), validating on %d; %d iterations of batch %d on %s",
-                 cfg.model, len(train_set), num_classes, ", ".join(class_names), len(val_set), cfg.max_iters,
-                 total_batch, rt.device)
 
-    last_metrics: dict[str, Any] = {}
-    bar = None
-    if rt.is_main:
-        bar = tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
+def _open_logs(cfg: TrainConfig, rt: dist.Runtime, data: TrainData, start_iter: int) -> _Run:
+    """Rank 0 saves config.yaml and opens TensorBoard (from ``start_iter``) and the progress bar."""
+    run = _Run(cfg, rt, data)
+    if not rt.is_main:
+        return run
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, work_dir / "config.yaml")
+    run.writer = SummaryWriter(cfg.tensorboard_dir or str(work_dir / "tensorboard"), purge_step=start_iter + 1)
+    log.info("training %s on %d images (%d classes: %s), validating on %d; %d iterations of batch %d on %s",
+             cfg.model, len(data.train_set), len(data.class_names), ", ".join(data.class_names), len(data.val_set),
+             cfg.max_iters, cfg.samples_per_gpu * rt.world_size, rt.device)
+    run.bar = tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
                    mininterval=2.0)
-    model.train()
-    t0 = time.perf_counter()
-    # One OpenCV thread per loader worker (they already run in parallel), set around the fork: calling
-    # cv2.setNumThreads inside a forked worker deadlocks once this process's OpenCV pool has run.
-    with opencv_threads(1 if cfg.workers_per_gpu > 0 else None):
-        batches = iter(loader)
-    saved_at = start_iter  # the iteration last.pth holds (0: none yet)
-    signum = _agreed_signal(stop, rt)  # a signal during the set-up
-    if signum is not None:
-        _stop_training(signum, start_iter, saved_at, cfg, rt, net, class_names, optimizer, scheduler, best, scaler,
-                       bar, writer)
-    for it, (images, labels) in enumerate(batches, start=start_iter):
-        images = images.to(rt.device, non_blocking=True)
-        labels = labels.to(rt.device, non_blocking=True)
-        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
-            out = model(images)
-        loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)
-        if not math.isfinite(parts["total"]):
-            raise TrainingDiverged(f"loss is {parts['total']} at iteration {it + 1}; lower lr (now "
-                                   f"{scheduler.get_last_lr()[0]:g}) or check the labels")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        done = it + 1
-
-        if rt.is_main:
-            cur_lr = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['total']:.4f}", lr=f"{cur_lr:.2e}")
-            if done % cfg.log_interval == 0 or done == cfg.max_iters:
-                for k, v in parts.items():
-                    writer.add_scalar(f"loss/{k}", v, done)
-                writer.add_scalar("lr", cur_lr, done)
-                log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, cfg.max_iters, parts["total"],
-                         ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), cur_lr)
-        if progress is not None and rt.is_main:
-            progress(done / cfg.max_iters)
-
-        if done % cfg.interval == 0 or done == cfg.max_iters:
-            model.eval()
-            metrics = evaluate(model, val_set, cfg, rt, num_classes) if len(val_set) else {}
-            model.train()
-            last_metrics = metrics
-            rank_rng = _rank_rng_states(rt)
-            if rt.is_main:
-                _after_eval(cfg, net, class_names, done, metrics, best, optimizer, scheduler, writer, val_set, rt,
-                            time.perf_counter() - t0, scaler, rank_rng)
-            dist.barrier(rt)
-            saved_at = done
-
-        # Checked after every step, so a run stops within one iteration; under torchrun this is one
-        # tiny all_reduce per iteration (the loop already waits for the loss value every iteration).
-        signum = _agreed_signal(stop, rt)
-        if signum is not None and done < cfg.max_iters:  # on the last iteration the run is complete anyway
-            _stop_training(signum, done, saved_at, cfg, rt, net, class_names, optimizer, scheduler, best, scaler,
-                           bar, writer)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    dist.teardown(rt)
-    if rt.is_main and last_metrics:
-        _print_table(class_names, last_metrics)
-    return TrainResult(work_dir=work_dir, best=best_path if best_path.exists() else None, last=last_path,
-                       best_metrics=best.get("metrics", {}), last_metrics=last_metrics, class_names=class_names)
+    return run
 
 
-def _after_eval(cfg: TrainConfig, net: nn.Module, class_names: list[str], done: int, metrics: dict[str, Any],
-                best: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, writer: Any,
-                val_set: SegDataset, rt: dist.Runtime, elapsed: float,
-                scaler: torch.amp.GradScaler | None = None, rank_rng: list[Any] | None = None) -> None:
-    """Log the evaluation, write TensorBoard scalars and images, save best/last/iteration checkpoints."""
+# -- in the loop
+
+
+def _log_step(run: _Run, done: int, parts: dict[str, float], lr: float) -> None:
+    """Rank 0: the progress bar every iteration; the losses to TensorBoard and the log every log_interval."""
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{parts['total']:.4f}", lr=f"{lr:.2e}")
+    if done % run.cfg.log_interval == 0 or done == run.cfg.max_iters:
+        for k, v in parts.items():
+            run.writer.add_scalar(f"loss/{k}", v, done)
+        run.writer.add_scalar("lr", lr, done)
+        log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, run.cfg.max_iters, parts["total"],
+                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr)
+
+
+def _after_eval(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None) -> None:
+    """Rank 0 logs the evaluation (TensorBoard scalars and images) and saves best/last/iteration checkpoints."""
+    cfg, done = run.cfg, state.iteration
     work_dir = Path(cfg.work_dir)
-    if metrics:
-        log.info("iteration %d/%d: mIoU %.4f  mAcc %.4f  aAcc %.4f  (%.1f s)", done, cfg.max_iters,
-                 metrics["mIoU"], metrics["mAcc"], metrics["aAcc"], elapsed)
-        for key in ("mIoU", "mAcc", "aAcc"):
-            writer.add_scalar(f"val/{key}", metrics[key], done)
-        for name, iou in zip(class_names, metrics["IoU"]):
-            if math.isfinite(iou):
-                writer.add_scalar(f"val_IoU/{name}", iou, done)
-        _log_predictions(writer, net, val_set, cfg, rt, done)
-    score = metrics.get("mIoU", float("nan"))
-    is_best = math.isfinite(score) and score > best["mIoU"]
-    if is_best:
-        best.update({"mIoU": score, "iteration": done, "metrics": metrics})
-    ckpt = _checkpoint(net, cfg, class_names, done, metrics, optimizer, scheduler, best, scaler, rank_rng)
-    atomic_save(ckpt, work_dir / "last.pth")
-    if is_best:
-        atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / "best.pth")
-        log.info("new best mIoU %.4f at iteration %d -> %s", score, done, work_dir / "best.pth")
-    if not cfg.save_least_file:
-        atomic_save(_checkpoint(net, cfg, class_names, done, metrics), work_dir / f"iter_{done}.pth")
-        if cfg.max_keep_ckpts > 0:
-            kept = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
-            for old in kept[:-cfg.max_keep_ckpts]:
-                old.unlink()
+    if run.rt.is_main:
+        if metrics:
+            log.info("iteration %d/%d: mIoU %.4f  mAcc %.4f  aAcc %.4f  (%.1f s)", done, cfg.max_iters,
+                     metrics["mIoU"], metrics["mAcc"], metrics["aAcc"], time.perf_counter() - run.t0)
+            for key in ("mIoU", "mAcc", "aAcc"):
+                run.writer.add_scalar(f"val/{key}", metrics[key], done)
+            for name, iou in zip(run.data.class_names, metrics["IoU"]):
+                if math.isfinite(iou):
+                    run.writer.add_scalar(f"val_IoU/{name}", iou, done)
+            log_predictions(run.writer, state.net, run.data.val_set, cfg, run.rt, done)
+        score = metrics.get("mIoU", float("nan"))
+        is_best = math.isfinite(score) and score > state.best["mIoU"]
+        if is_best:
+            state.best.update({"mIoU": score, "iteration": done, "metrics": metrics})
+        atomic_save(_checkpoint(run, state, metrics, rank_rng, resumable=True), work_dir / "last.pth")
+        if is_best:
+            atomic_save(_checkpoint(run, state, metrics), work_dir / "best.pth")
+            log.info("new best mIoU %.4f at iteration %d -> %s", score, done, work_dir / "best.pth")
+        if not cfg.save_least_file:
+            atomic_save(_checkpoint(run, state, metrics), work_dir / f"iter_{done}.pth")
+            if cfg.max_keep_ckpts > 0:
+                kept = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+                for old in kept[:-cfg.max_keep_ckpts]:
+                    old.unlink()
+    dist.barrier(run.rt)
+    state.saved_at = done
 
 
-def _rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
-    """Every process's RNG state (CPU, and its own CUDA device's), for rank 0's last.pth; None in one process.
-
-    A collective: every process calls it at the same point.
-    """
-    if not rt.distributed:
-        return None
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
-    states: list[Any] = [None] * rt.world_size
-    torch_dist.all_gather_object(states, mine)
-    return states
+def _checkpoint(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None = None,
+                resumable: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``state.iteration``; ``resumable`` adds what ``resume=true`` needs (last.pth)."""
+    return make_checkpoint(state.net, run.cfg.model, run.data.class_names, ignore_blank_area=run.cfg.ignore_blank_area,
+                           config=to_dict(run.cfg), iteration=state.iteration, metrics=metrics,
+                           resume_state=state.resume_state(rank_rng) if resumable else None)
 
 
-def _agreed_signal(stop: interrupt.StopRequest, rt: dist.Runtime) -> int | None:
-    """The signal to stop on, the same in every process: SIGTERM if any process got one, else SIGINT if any did.
-
-    Signals reach the processes of a torchrun group at different moments; summing one vote per
-    process and signal makes them all stop after the same iteration.
-    """
-    if not rt.distributed:
-        return stop.signum
-    votes = torch.tensor([stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM], dtype=torch.int32)
-    votes = dist.all_reduce_sum(votes, rt).cpu()
-    return signal.SIGTERM if votes[1] else signal.SIGINT if votes[0] else None
-
-
-def _stop_training(signum: int, done: int, saved_at: int, cfg: TrainConfig, rt: dist.Runtime, net: nn.Module,
-                   class_names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, best: dict[str, Any],
-                   scaler: torch.amp.GradScaler, bar: Any, writer: Any) -> NoReturn:
-    """Save a resumable last.pth at iteration ``done`` (rank 0), close the logs, raise :class:`Interrupted`."""
-    work_dir = Path(cfg.work_dir)
-    last_path = work_dir / "last.pth"
-    rank_rng = _rank_rng_states(rt) if done > saved_at else None
-    if rt.is_main and done > saved_at:
+def _stop_if_signalled(run: _Run, state: TrainState, stop: interrupt.StopRequest) -> None:
+    """If any process got SIGINT / SIGTERM: save a resumable last.pth at this iteration (rank 0), close the
+    logs and raise :class:`Interrupted`; otherwise nothing."""
+    signum = dist.agreed_signal(stop.signum, run.rt)
+    if signum is None:
+        return
+    cfg, rt, done = run.cfg, run.rt, state.iteration
+    last_path = Path(cfg.work_dir) / "last.pth"
+    unsaved = done > state.saved_at
+    rank_rng = rank_rng_states(rt) if unsaved else None
+    if rt.is_main and unsaved:
         # No metrics: they would belong to an earlier iteration than the weights.
-        atomic_save(_checkpoint(net, cfg, class_names, done, {}, optimizer, scheduler, best, scaler, rank_rng),
-                    last_path)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+        atomic_save(_checkpoint(run, state, {}, rank_rng, resumable=True), last_path)
+    run.close_logs()
     dist.barrier(rt)  # nobody exits (and makes torchrun kill the group) before rank 0 has saved
     dist.teardown(rt)
     name = interrupt.signal_name(signum)
     if done == 0:
         raise Interrupted(f"interrupted by {name} before the first iteration: nothing saved, nothing to resume",
                           signum)
-    how = f"mirseg train {shlex.quote(str(work_dir / 'config.yaml'))} --resume"
+    how = f"mirseg train {shlex.quote(str(Path(cfg.work_dir) / 'config.yaml'))} --resume"
     raise Interrupted(f"interrupted by {name} at iteration {done}/{cfg.max_iters}; saved {last_path}; resume with: "
                       f"{how}" + (" (under the same torchrun command)" if rt.distributed else ""), signum)
-
-
-def _log_predictions(writer: Any, net: nn.Module, val_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime,
-                     step: int, count: int = 3) -> None:
-    """A few validation images with ground truth and prediction side by side, as TensorBoard images."""
-    for i in range(min(count, len(val_set))):
-        image, label = val_set.load(i)  # (H, W, 3) uint8, (H, W) uint8
-        tensor, _ = val_set[i]
-        pred = _predict_label(net, tensor, label.shape, cfg, rt).cpu().numpy().astype(np.uint8)
-        panel = np.concatenate([image, colorize(label), colorize(pred)], axis=1)
-        writer.add_image(f"val/{i}", panel, step, dataformats="HWC")
-
-
-def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Evaluate a mirseg checkpoint on ``cfg``'s validation data; prints the per-class table.
-
-    The network is prepared as ``mirseg infer`` runs it (:func:`mirseg.predict.prepare_for_inference`),
-    so the scores are those of the label maps ``mirseg infer`` writes. Returns the metrics and
-    ``"confusion"``, the confusion matrix as rows (ground truth) of columns (prediction).
-    """
-    ckpt = read_checkpoint(checkpoint, cfg.trust_checkpoint)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no class names): evaluate a "
-                              "best.pth / last.pth written by `mirseg train`")
-    cfg = cfg.resolved()
-    class_names = list(ckpt["class_names"])
-    rt = dist.setup(cfg.device)
-    names = tuple(class_names) if cfg.val_labels else _user_classes(ckpt)
-    split = load_split(dataclasses.replace(cfg, class_names=names), "val")
-    if not split.samples:
-        raise ConfigError("nothing to evaluate: give val_ann + val_images (COCO) or val_images + val_labels")
-    if split.class_names != class_names:
-        raise DatasetError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
-    model = build_model(ckpt["arch"], len(class_names))
-    model.load_state_dict(ckpt["model"])
-    model = prepare_for_inference(model.to(rt.device))
-    dataset = SegDataset(split.samples, EvalTransform(scale=cfg.img_scale), seed=cfg.seed)
-    cm = confusion(model, dataset, cfg, rt, len(class_names))
-    metrics = cm.compute()
-    if rt.is_main:
-        _print_table(class_names, metrics)
-    return {**metrics, "confusion": cm.mat.tolist()}
-
-
-def _user_classes(ckpt: dict[str, Any]) -> tuple[str, ...]:
-    """The checkpoint's classes without the background class that ignore_blank_area=False adds."""
-    names = list(ckpt["class_names"])
-    return tuple(names[1:] if not ckpt.get("ignore_blank_area", False) and names and names[0] == "background"
-                 else names)

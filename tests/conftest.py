@@ -10,6 +10,7 @@ from types import ModuleType
 
 import parity_fill  # tests/parity_fill.py: pytest puts this folder (no __init__.py) on sys.path
 import pytest
+import toy  # tests/toy.py, likewise
 
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
@@ -62,13 +63,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def trained_fastscnn(tmp_path_factory):
-    """A FastSCNN trained once per session on generated shapes: (best checkpoint path, train set, val set).
+def toy_run(tmp_path_factory) -> toy.ToyRun:
+    """The toy FastSCNN (tests/toy.py), trained once per session: every test that needs a trained model shares it."""
+    run = toy.train_toy_fastscnn(tmp_path_factory.mktemp("trained_fastscnn"))
+    assert run.result.best_metrics["mIoU"] > 0.8, run.result.best_metrics
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_fastscnn(toy_run):
+    """The toy model as (best checkpoint path, train set, val set).
 
     Classes: background, disc, box (ignore_blank_area false); images 96x128. mIoU on val > 0.8.
     """
-    from mirseg.demo import toy_fastscnn
-
-    best, tr, va, metrics = toy_fastscnn(tmp_path_factory.mktemp("trained_fastscnn"))
-    assert metrics["mIoU"] > 0.8, metrics
-    return best, tr, va
+    return toy_run.result.best, toy_run.train_set, toy_run.val_set

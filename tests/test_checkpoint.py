@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from mirseg.checkpoint import (
-    CHECKPOINT_FORMAT,
     SAFE_GLOBALS,
     CheckpointError,
     atomic_save,
+    background_index,
     load_weights,
+    make_checkpoint,
     read_checkpoint,
+    user_classes,
 )
 from mirseg.cli import main
 from mirseg.errors import EXIT_ERROR, MirsegError, MissingFileError
@@ -43,7 +45,7 @@ def test_loads_every_checkpoint_kind(tmp_path, wrap):
     sd = src.state_dict()
     obj = {
         "mmseg": {"meta": {"CLASSES": ("a", "b", "c", "d"), "iter": 10}, "state_dict": sd},
-        "mirseg": {"format": CHECKPOINT_FORMAT, "model": sd, "arch": "fastscnn"},
+        "mirseg": make_checkpoint(src, "fastscnn", ["a", "b", "c", "d"]),
         "bare": sd,
         "ddp": {"state_dict": {"module." + k: v for k, v in sd.items()}},
     }[wrap]
@@ -54,6 +56,51 @@ def test_loads_every_checkpoint_kind(tmp_path, wrap):
     assert report.reinitialised == []
     for k, v in dst.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def test_make_checkpoint_stores_the_background_class_and_readers_fall_back_for_old_files(tmp_path):
+    model = _model(3, 0)
+    coco = make_checkpoint(model, "fastscnn", ["background", "disc", "box"], config={"img_scale": [128, 96]},
+                           iteration=7, metrics={"mIoU": 0.5})
+    assert {k: coco[k] for k in ("format", "version", "arch", "ignore_blank_area", "background_index", "iteration")} \
+        == {"format": "mirseg", "version": 1, "arch": "fastscnn", "ignore_blank_area": False, "background_index": 0,
+            "iteration": 7}
+    assert coco["config"] == {"img_scale": [128, 96]} and coco["metrics"] == {"mIoU": 0.5}
+    assert all(torch.equal(coco["model"][k], v) for k, v in model.state_dict().items())
+    atomic_save(coco, tmp_path / "c.pth")
+    assert background_index(read_checkpoint(tmp_path / "c.pth")) == 0
+    assert user_classes(coco) == ("disc", "box")
+    ignore = make_checkpoint(model, "fastscnn", ["background", "disc", "box"], ignore_blank_area=True)
+    assert ignore["background_index"] is None and user_classes(ignore) == ("background", "disc", "box")
+    labels = make_checkpoint(model, "fastscnn", ["road", "car", "sky"], resume_state={"best": {"mIoU": 1.0}})
+    assert labels["background_index"] is None and labels["best"] == {"mIoU": 1.0}
+    # Files from before background_index was stored: class 0 named "background" unless ignore_blank_area.
+    for ckpt, want in ((coco, 0), (ignore, None), (labels, None)):
+        old = {k: v for k, v in ckpt.items() if k != "background_index"}
+        assert background_index(old) == want and user_classes(old) == user_classes(ckpt)
+    # The stored value is what counts; a value that is no class index is refused, naming the file.
+    assert background_index({**coco, "background_index": None}) is None
+    assert user_classes({**coco, "background_index": None}) == ("background", "disc", "box")
+    for bad in (3, -1, True, "0", 0.0):
+        with pytest.raises(CheckpointError, match=r"c.pth: background_index .* is not a class index \(0\.\.2\) or "
+                                                  r"null"):
+            background_index({**coco, "background_index": bad}, "c.pth")
+
+
+def test_a_checkpoint_from_before_background_index_infers_as_before(trained_fastscnn, tmp_path):
+    """Inference asks the one rule: an old file (no background_index) reports no background in predictions.json."""
+    best, _, val = trained_fastscnn
+    ckpt = read_checkpoint(best)
+    assert ckpt["background_index"] == 0
+    old = tmp_path / "old.pth"
+    atomic_save({k: v for k, v in ckpt.items() if k != "background_index"}, old)
+    for path in (best, old):
+        out = tmp_path / path.stem
+        assert main(["infer", str(path), str(val.images), f"out_dir={out}", "save_labels=false",
+                     "workers_per_gpu=0"]) == 0
+        coco = json.loads((out / "predictions.json").read_text())
+        assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "disc"), (2, "box")]
+        assert {a["category_id"] for a in coco["annotations"]} == {1, 2}
 
 
 def test_other_class_count_keeps_fresh_classifiers(tmp_path, caplog):

@@ -18,13 +18,26 @@ from pathlib import Path
 import pytest
 import torch
 
+import mirseg.evaluate
 import mirseg.infer
 import mirseg.mine
 import mirseg.train
-from mirseg.checkpoint import CHECKPOINT_FORMAT
+from mirseg.checkpoint import atomic_save, make_checkpoint
 from mirseg.cli import build_parser, main
-from mirseg.config import EVAL_KEYS, InferConfig, TrainConfig, check_output_dir, eval_config, load_config
+from mirseg.coerce import FALSE_WORDS, TRUE_WORDS, parse_bool
+from mirseg.config import (
+    EVAL_KEYS,
+    InferConfig,
+    TrainConfig,
+    build_config,
+    check_output_dir,
+    eval_config,
+    load_config,
+)
 from mirseg.errors import EXIT_ERROR, EXIT_SIGTERM, ConfigError, Interrupted, MirsegError
+from mirseg.fileio import write_atomic
+from mirseg.models import build_model
+from mirseg.ymir.protocol import YmirError, read_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +62,7 @@ def ckpt(tmp_path) -> Path:
     """A file read_checkpoint accepts, with the saved config ``mirseg eval`` starts from."""
     path = tmp_path / "best.pth"
     saved = {"config_file": "fastscnn", "crop_size": [64, 64], "img_scale": [128, 96], "test_mode": "whole"}
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": "fastscnn", "class_names": ["background", "disc"],
-                "config": saved}, path)
+    atomic_save(make_checkpoint(build_model("fastscnn", 2), "fastscnn", ["background", "disc"], config=saved), path)
     return path
 
 
@@ -205,6 +217,30 @@ def test_bad_values_name_the_key(tmp_path, errors):
     assert errors()[-1] == f"config file {tmp_path / 'missing.yaml'} does not exist"
 
 
+@pytest.mark.parametrize("value", [*TRUE_WORDS, *FALSE_WORDS, " ON ", "False", "NONE", True, False, 0, 1, 1.0, None])
+def test_one_boolean_parser_for_config_keys_and_ymir_env_flags(tmp_path, value):
+    """Every spelling means the same in a mirseg config and in YMIR's env.yaml (which used to accept other sets)."""
+    want = value in (True, 1) or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS)
+    assert parse_bool(value, "k") is want
+    assert build_config(InferConfig, {"save_coco": value}).save_coco is want
+    env = tmp_path / "env.yaml"
+    write_atomic(env, json.dumps({"run_training": value, "input": {"config_file": "/in/config.yaml"},
+                                  "output": {"root_dir": "/out"}}))  # JSON is YAML, and keeps "on" a string
+    assert read_env(env).run_training is want
+
+
+@pytest.mark.parametrize("value", ["maybe", "y", "2", 2, -1, 0.5, [True], {}])
+def test_a_value_that_is_no_boolean_names_the_key_and_the_spellings(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"config: save_coco: expected true or false, got .* \(true: true, t, yes, "
+                                          r"on, 1; false: false, f, no, off, 0, none, ''\)"):
+        build_config(InferConfig, {"save_coco": value})
+    env = tmp_path / "env.yaml"
+    write_atomic(env, json.dumps({"run_mining": value, "input": {"config_file": "/in/config.yaml"},
+                                  "output": {"root_dir": "/out"}}))
+    with pytest.raises(YmirError, match=rf"{env}: run_mining: expected true or false, got .*\(true: true, t,"):
+        read_env(env)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the CLI does with each kind of exception
 
@@ -268,7 +304,7 @@ OOM = "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacit
 
 @pytest.mark.parametrize(("command", "target", "keys"), [
     ("train", (mirseg.train, "train"), ["samples_per_gpu", "crop_size"]),
-    ("eval", (mirseg.train, "evaluate_checkpoint"), ["img_scale", "test_mode=slide", "slide_crop"]),
+    ("eval", (mirseg.evaluate, "evaluate_checkpoint"), ["img_scale", "test_mode=slide", "slide_crop"]),
     ("infer", (mirseg.infer, "run_inference"), ["samples_per_gpu", "img_scale", "test_mode=slide"]),
     ("mine", (mirseg.mine, "mine"), ["samples_per_gpu", "img_scale"]),
 ])

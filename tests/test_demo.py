@@ -49,14 +49,8 @@ def _check_sheet(path: Path, rows: int, row_height: int) -> None:
     assert not _has_swatch(legend, PALETTE[len(CLASSES)])  # only the model's classes
 
 
-def test_demo_quick_relative_then_absolute_out(tmp_path, monkeypatch, capsys):
-    """The README's command with the default relative --out, from another working directory; then an absolute
-    --out onto the same folder, which replaces the earlier demo."""
-    monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--quick"]) == 0
-    out = tmp_path / "mirseg-demo"
-    printed = capsys.readouterr().out
-    assert "SUMMARY.md" in printed and "train/" in printed  # the layout and where to read next
+def _check_demo_folder(out: Path, plan: demo.Plan) -> None:
+    """What a successful demo of ``plan`` leaves in ``out``."""
     assert (out / demo.MARKER).is_file()
     summary = (out / "SUMMARY.md").read_text()
     for heading in ("## Validation", "## Inference", "## Mining", "## YMIR executor", "## Contact sheet"):
@@ -66,12 +60,12 @@ def test_demo_quick_relative_then_absolute_out(tmp_path, monkeypatch, capsys):
     # Training, inference and mining outputs.
     assert (out / "train" / "best.pth").is_file() or (out / "train" / "last.pth").is_file()
     overlays = list((out / "infer" / "overlay").glob("*.jpg"))
-    assert len(overlays) == 6
+    assert len(overlays) == plan.val
     coco = json.loads((out / "infer" / "predictions.json").read_text())
-    assert len(coco["images"]) == 6
+    assert len(coco["images"]) == plan.val
     for algorithm in ("rsal", "random"):
         rows = (out / "mine" / algorithm / "result.tsv").read_text().splitlines()
-        assert len(rows) == 16
+        assert len(rows) == plan.pool
     assert list((out / "mine" / "rsal" / "masks").glob("*.png"))
     # The YMIR run: a model with stages, a mining list and an inference file; its index files hold absolute paths.
     result = yaml.safe_load((out / "ymir" / "training" / "out" / "models" / "result.yaml").read_text())
@@ -83,12 +77,48 @@ def test_demo_quick_relative_then_absolute_out(tmp_path, monkeypatch, capsys):
     # 3 validation rows and 3 RSAL picks, each 64x128 scaled to 128x256 plus 2 px above and below.
     _check_sheet(out / "contact_sheet.png", rows=6, row_height=128 + 4)
 
+
+# The quick demo's sizes with a few iterations: its whole folder, in seconds (3 validation scenes and 3 RSAL picks
+# on the contact sheet, as in the quick demo).
+SMALL = dataclasses.replace(demo.QUICK, train=4, val=3, pool=12, iters=4, ymir_iters=2)
+
+
+def test_demo_quick_relative_then_absolute_out(tmp_path, monkeypatch, capsys):
+    """The README's command with the default relative --out, from another working directory (the quick demo's
+    sizes, a few iterations); then an absolute --out onto the same folder, which replaces the earlier demo before
+    anything else (that run is stopped in its training step)."""
+    monkeypatch.setattr(demo, "QUICK", SMALL)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick"]) == 0
+    out = tmp_path / "mirseg-demo"
+    printed = capsys.readouterr().out
+    assert "SUMMARY.md" in printed and "train/" in printed  # the layout and where to read next
+    _check_demo_folder(out, SMALL)
+
+    stale = out / "data" / "stale.txt"
+    stale.write_text("from the first run")
+
+    def stopped(cfg, **kwargs):
+        assert not stale.exists() and Path(cfg.work_dir) == out.resolve() / "train"  # replaced, not mixed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--quick", "--out", str(out.resolve())])
+    assert not stale.exists() and (out / demo.MARKER).is_file()
+
+
+@pytest.mark.slow  # the real quick demo, twice (~30 s)
+def test_the_quick_demo_relative_then_absolute_out_in_full(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick"]) == 0
+    out = tmp_path / "mirseg-demo"
+    _check_demo_folder(out, demo.QUICK)
     stale = out / "data" / "stale.txt"
     stale.write_text("from the first run")
     assert main(["demo", "--quick", "--out", str(out.resolve())]) == 0
     assert not stale.exists()  # replaced, not mixed
-    summary = (out / "SUMMARY.md").read_text()
-    assert "FAILED" not in summary and "- training: ok" in summary and "- mining+infer: ok" in summary
+    _check_demo_folder(out, demo.QUICK)
 
 
 def test_failed_ymir_step_exits_non_zero_and_says_why(tmp_path, monkeypatch, caplog):

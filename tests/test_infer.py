@@ -22,12 +22,12 @@ from mirseg.coco_result import CocoResultWriter, encode_mask, mask_bbox
 from mirseg.config import InferConfig, build_config, eval_config
 from mirseg.data.sources import list_images
 from mirseg.data.synthetic import make_dataset
+from mirseg.evaluate import evaluate_checkpoint
 from mirseg.infer import iter_predictions, load_predictor, run_inference
 from mirseg.metrics import ConfusionMatrix
 from mirseg.models import build_model
 from mirseg.outputs import output_names
 from mirseg.predict import label_map, predict_logits, predict_proba, sliding_window
-from mirseg.train import evaluate_checkpoint
 from mirseg.visualize import PALETTE
 
 

@@ -25,9 +25,10 @@ PACKAGE = REPO / "mirseg"
 FLOORS: list[tuple[str, list[str]]] = [  # lowest first; a package name covers its modules, "mirseg" is __init__.py
     ("foundation", ["mirseg", "errors", "constants", "fileio", "coerce", "interrupt", "dist", "download",
                     "visualize"]),
-    ("parts", ["presets", "config", "models", "data", "mining", "metrics", "checkpoint", "coco_result"]),
+    ("parts", ["presets", "config", "models", "data", "mining", "metrics", "checkpoint", "coco_result", "loss",
+               "train_state"]),
     ("shared by the jobs", ["predict", "outputs", "report", "exported", "pretrained_files", "pretrained"]),
-    ("jobs", ["train", "infer", "mine", "export"]),
+    ("jobs", ["evaluate", "train", "infer", "mine", "export"]),
     ("platform", ["ymir"]),
     ("entry points", ["cli", "demo", "__main__"]),
 ]
@@ -35,9 +36,7 @@ FLOORS: list[tuple[str, list[str]]] = [  # lowest first; a package name covers i
 MAX_LINES = 400
 """The longest a module may be. The limit, not a target: no module of mirseg gets a tolerance above it."""
 
-OVER_LIMIT: dict[str, str] = {
-    "mirseg/train.py": "train() is being restructured into named set-up helpers (issue 11, item 2, branch loop)",
-}
+OVER_LIMIT: dict[str, str] = {}
 """Modules known to be over :data:`MAX_LINES` and who is shortening them; an entry fails once it is not needed."""
 
 DEFERRED: dict[str, str] = {
@@ -48,8 +47,8 @@ DEFERRED: dict[str, str] = {
 
 # mirseg/cli.py imports each command's module inside the command: they import torch (~3 s), and
 # `mirseg --help`, a usage error or a bad key must answer at once (test_cli_imports_no_torch_at_start).
-CLI_COMMANDS = {"mirseg.train", "mirseg.infer", "mirseg.mine", "mirseg.export", "mirseg.demo", "mirseg.pretrained",
-                "mirseg.checkpoint", "mirseg.models", "mirseg.ymir.executor"}
+CLI_COMMANDS = {"mirseg.train", "mirseg.evaluate", "mirseg.infer", "mirseg.mine", "mirseg.export", "mirseg.demo",
+                "mirseg.pretrained", "mirseg.checkpoint", "mirseg.models", "mirseg.ymir.executor"}
 
 
 def _name(path: Path) -> str:

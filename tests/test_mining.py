@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from mirseg.config import MineConfig, build_config
+from mirseg.errors import ConfigError
 from mirseg.mining import ALGORITHMS, MiningParams, baselines, get_algorithm, ripu, rsal
 from mirseg.mining.regions import region_means, region_modes, take_budget
 from mirseg.mining.select import power_order, rank, select
@@ -306,6 +309,24 @@ def test_algorithm_lookup_and_params():
         MiningParams(superpixel_algorithm="seed")
     with pytest.raises(ValueError, match="topk_superpixel_score"):
         MiningParams(topk_superpixel_score=0)
+
+
+def test_mining_params_are_mine_config_keys_by_name():
+    """MiningParams takes its names, types and defaults from MineConfig: the two cannot drift apart."""
+    keys = {f.name: f for f in dataclasses.fields(MineConfig)}
+    knobs = dataclasses.fields(MiningParams)
+    assert len(knobs) == 12
+    for knob in knobs:
+        assert knob.name in keys, f"MiningParams.{knob.name} is no MineConfig key"
+        assert (knob.type, knob.default) == (keys[knob.name].type, keys[knob.name].default), knob.name
+    # Every knob is carried over from the config, not just the ones that happen to keep their defaults.
+    changed = dict(superpixel_algorithm="seeds", max_superpixel_per_image=7, superpixel_cell=0,
+                   uncertainty_method="entropy", topk_superpixel_score=2, max_kept_mining_image=9, class_balance=False,
+                   ripu_region_radius=3, reduction="topk", topk_percent=5.0, seed=4, region_budget=0.05)
+    assert set(changed) == {k.name for k in knobs}
+    assert MiningParams.from_config(build_config(MineConfig, changed)) == MiningParams(**changed)
+    with pytest.raises(ConfigError, match="topk_percent must be in"):
+        MiningParams.from_config(build_config(MineConfig, {"topk_percent": 0}))
 
 
 def _scene(uncertain: bool, seed: int, h: int = 48, w: int = 64) -> tuple[torch.Tensor, np.ndarray]:

@@ -7,44 +7,44 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy
 import yaml
 
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config
-from mirseg.data.synthetic import make_dataset
-from mirseg.train import TrainingDiverged, auto_class_weight, poly_lr, train
+from mirseg.constants import IGNORE_INDEX
+from mirseg.data.sampler import IterationSampler
+from mirseg.loss import auto_class_weight, segmentation_loss
+from mirseg.train import TrainingDiverged, poly_lr, train
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return (make_dataset(root / "train", 24, num_classes=2, seed=1, labels=True),
-            make_dataset(root / "val", 8, num_classes=2, seed=2, labels=True))
+    return toy.shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _cfg(shapes, work_dir, **kw):
-    tr, va = shapes
-    values = dict(train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
-                  crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12,
-                  scale_lr=False, work_dir=str(work_dir), log_interval=10)
-    values.update(kw)
-    return build_config(TrainConfig, values)
+    return toy.shapes_config(*shapes, work_dir, log_interval=10, **kw)
 
 
-def test_fastscnn_learns_the_shapes(shapes, tmp_path):
-    result = train(_cfg(shapes, tmp_path, max_iters=300, interval=100))
+def test_the_toy_fastscnn_learns_the_shapes(toy_run):
+    """The session's toy training (tests/toy.py): it learns, and leaves what a run leaves."""
+    result, work_dir = toy_run.result, toy_run.result.work_dir
     assert result.class_names == ["background", "disc", "box"]
     assert result.best_metrics["mIoU"] > 0.8, result.best_metrics
+    assert result.last_metrics == result.best_metrics  # the last evaluation was the best one
     ckpt = read_checkpoint(result.best)
     assert ckpt["arch"] == "fastscnn" and ckpt["class_names"] == result.class_names
     assert ckpt["ignore_blank_area"] is False and ckpt["metrics"]["mIoU"] == result.best_metrics["mIoU"]
+    assert ckpt["background_index"] == 0 and ckpt["iteration"] == toy.ITERS
     assert ckpt["config"]["crop_size"] == [64, 64] and ckpt["config"]["lr"] == 0.12
-    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "optimizer" not in ckpt and {"optimizer", "scheduler", "best", "rng"} <= set(read_checkpoint(result.last))
+    saved = yaml.safe_load((work_dir / "config.yaml").read_text())
     # The saved config holds the user classes, so it trains again as it is (background is added back).
-    assert saved["class_names"] == ["disc", "box"] and saved["max_iters"] == 300
-    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth"]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert saved["class_names"] == ["disc", "box"] and saved["max_iters"] == toy.ITERS
+    assert sorted(p.name for p in work_dir.glob("*.pth")) == ["best.pth", "last.pth"]
+    assert list((work_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def _weights(path):
@@ -118,6 +118,74 @@ def test_poly_schedule_and_auto_weights():
     assert f(50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
     w = auto_class_weight(torch.tensor([900, 100, 0]).numpy())
     assert w[1] > w[0] and w[2] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss and the sampler on their own
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float]]:
+    """(class, -log softmax) of every labelled pixel, by hand: log-sum-exp over the class axis of (N, K, H, W)."""
+    out = []
+    for n, y, x in zip(*torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)):
+        z = logits[n, :, y, x].double()
+        k = int(labels[n, y, x])
+        out.append((k, float(torch.log(torch.exp(z).sum()) - z[k])))
+    return out
+
+
+def test_segmentation_loss_ignores_255_and_weights_the_aux_heads_and_classes():
+    g = torch.Generator().manual_seed(0)
+    decode, aux0, aux1 = (torch.randn(2, 3, 4, 5, generator=g) * 3 for _ in range(3))
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # 10 of 40 pixels unlabelled
+    labels[1, 3, 4] = IGNORE_INDEX
+    mean = {name: sum(v for _, v in _nll(t, labels)) / 29 for name, t in
+            (("decode", decode), ("aux0", aux0), ("aux1", aux1))}
+    total, parts = segmentation_loss({"out": decode, "aux": [aux0, aux1]}, labels, (0.4, 0.25))
+    assert parts["decode"] == pytest.approx(mean["decode"], rel=1e-5)
+    assert parts["aux0"] == pytest.approx(mean["aux0"], rel=1e-5)
+    assert parts["aux1"] == pytest.approx(mean["aux1"], rel=1e-5)
+    want = mean["decode"] + 0.4 * mean["aux0"] + 0.25 * mean["aux1"]
+    assert float(total) == pytest.approx(want, rel=1e-5) and parts["total"] == pytest.approx(want, rel=1e-5)
+    # An ignored pixel has no effect whatever its logits; no aux heads in eval mode: the decode head alone.
+    changed = decode.clone()
+    changed[0, :, :2] = 1000.0
+    assert float(segmentation_loss({"out": changed}, labels, (0.4,))[0]) == pytest.approx(mean["decode"], rel=1e-5)
+    # Class weights: PyTorch's weighted mean, sum(w[y] * nll) / sum(w[y]) over the labelled pixels.
+    w = torch.tensor([0.5, 2.0, 1.0])
+    pixels = _nll(decode, labels)
+    by_hand = sum(float(w[k]) * v for k, v in pixels) / sum(float(w[k]) for k, _ in pixels)
+    weighted, parts = segmentation_loss({"out": decode}, labels, (), class_weight=w)
+    assert float(weighted) == pytest.approx(by_hand, rel=1e-5) and set(parts) == {"decode", "total"}
+    # fp16 logits (autocast) are scored in fp32.
+    half, _ = segmentation_loss({"out": decode.half()}, labels, ())
+    assert half.dtype == torch.float32 and float(half) == pytest.approx(mean["decode"], rel=1e-2)
+
+
+def _stream(n: int, batch: int, start: int, stop: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    return list(IterationSampler(n, batch, seed=7, start_iter=start, max_iters=stop, rank=rank, world_size=world))
+
+
+def test_iteration_sampler_epochs_rank_slices_and_resume():
+    n = 5
+    batches = _stream(n, 2, 0, 10)  # 20 positions: four epochs of five items
+    assert len(IterationSampler(n, 2, 7, 0, 10)) == 10 and len(IterationSampler(n, 2, 7, 4, 10)) == 6
+    flat = [i for b in batches for i in b]
+    epochs = [flat[e * n:(e + 1) * n] for e in range(4)]
+    for e, indices in enumerate(epochs):
+        # Index e*n + item: each epoch is a permutation of the items, and SegDataset seeds item's augmentation
+        # from (seed, epoch, item).
+        assert sorted(i - e * n for i in indices) == list(range(n)), (e, indices)
+    assert len({tuple(i % n for i in indices) for indices in epochs}) > 1  # a new order each epoch
+    assert _stream(n, 2, 0, 10) == batches  # drawn from the seed alone
+    # Resume: starting at iteration 4 gives exactly the batches an uninterrupted run takes from there.
+    assert _stream(n, 2, 4, 10) == batches[4:]
+    # Two processes of batch 2 split the stream of one process of batch 4: rank r takes its half of each step.
+    whole = _stream(n, 4, 0, 5)
+    rank0, rank1 = _stream(n, 2, 0, 5, rank=0, world=2), _stream(n, 2, 0, 5, rank=1, world=2)
+    assert [a + b for a, b in zip(rank0, rank1)] == whole
+    assert _stream(n, 2, 3, 5, rank=1, world=2) == rank1[3:]
 
 
 def test_cli_train_then_eval(shapes, tmp_path, capsys):

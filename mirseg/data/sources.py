@@ -40,6 +40,7 @@ class Split:
 
     samples: list[Any] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    user_classes: list[str] = field(default_factory=list)  # what class_names= gives: without an added background
 
 
 def image_source(path: str) -> str | list[str]:
@@ -127,38 +128,38 @@ def coco_category_names(path: str) -> list[str]:
     return [c["name"] for c in cats]
 
 
-def model_classes(cfg: Any, split: str = "train") -> list[str]:
-    """The model's class list: background first unless ignore_blank_area (COCO layout only)."""
+def model_classes(cfg: Any, split: str = "train") -> tuple[list[str], list[str]]:
+    """(the user's classes, the model's): the model's get background first unless ignore_blank_area (COCO layout
+    only); the user's are what ``class_names`` gives (the COCO categories when it is empty)."""
     # The layout is the training set's: validation label PNGs may be absent (no validation data).
     if cfg.train_labels or getattr(cfg, f"{split}_labels"):
         if not cfg.class_names:
             raise ConfigError(f"{split}_labels (label-PNG layout) needs class_names: names of label values 0, 1, "
                               "... (e.g. class_names=[road,car])")
-        return list(cfg.class_names)
+        return list(cfg.class_names), list(cfg.class_names)
     names = list(cfg.class_names)
     if not names:
         ann = cfg.train_ann or getattr(cfg, f"{split}_ann")
         if not ann:
             raise ConfigError("no training data: give train_ann + train_images (COCO) or train_images + train_labels")
         names = coco_category_names(ann)
-    return dataset_classes(names, cfg.ignore_blank_area)
+    return names, dataset_classes(names, cfg.ignore_blank_area)
 
 
 def load_split(cfg: Any, split: str) -> Split:
     """Samples of ``split`` ("train" or "val") as the config describes them; an empty val split is allowed."""
     ann, images, labels = (getattr(cfg, f"{split}_{k}") for k in ("ann", "images", "labels"))
-    classes = model_classes(cfg, split)
+    user, classes = model_classes(cfg, split)
     if not (ann or labels):
         if split == "val":
             log.warning("no validation data (val_ann or val_labels): no metrics and no best checkpoint")
-            return Split([], classes)
+            return Split([], classes, user)
         raise ConfigError(f"{split}: give {split}_ann (COCO) or {split}_labels (label PNGs)")
     if not images:
         raise ConfigError(f"{split}_images is empty: give the image folder or a list file of image paths")
     if labels:
         samples = load_label_folder(image_source(images), labels, len(classes))
     else:
-        user = list(cfg.class_names) or coco_category_names(cfg.train_ann)
         samples = load_coco(ann, image_source(images), user, ignore_blank_area=cfg.ignore_blank_area,
                             class_by=getattr(cfg, "coco_class_by", "name"))
-    return Split(samples, classes)
+    return Split(samples, classes, user)

@@ -20,12 +20,13 @@ a name up in any case (``RSAL``, ``rsal``) and suggests the nearest one on a typ
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from mirseg.config import MineConfig
 from mirseg.errors import ConfigError
 from mirseg.mining import baselines, ripu, rsal
 from mirseg.mining._names import lookup
@@ -33,23 +34,30 @@ from mirseg.mining.regions import check_budget, region_means, take_budget
 from mirseg.mining.superpixels import check_algorithm, enlarge, superpixel_grid
 from mirseg.mining.uncertainty import get_uncertainty
 
+_DEFAULTS = MineConfig()  # the knobs' defaults and documentation live in MineConfig, the user's keys
+
 
 @dataclass(frozen=True)
 class MiningParams:
-    """The algorithm knobs of :class:`mirseg.config.MineConfig` (same names, same meaning)."""
+    """The algorithm knobs of :class:`mirseg.config.MineConfig`: the same names, its defaults (see there)."""
 
-    superpixel_algorithm: str = "slico"
-    max_superpixel_per_image: int = 1024
-    superpixel_cell: int = 8
-    uncertainty_method: str = "bvsb"
-    topk_superpixel_score: int = 3
-    max_kept_mining_image: int = 5000
-    class_balance: bool = True
-    ripu_region_radius: int = 1
-    reduction: str = "mean"
-    topk_percent: float = 10.0
-    seed: int = 0
-    region_budget: float = 0.022
+    superpixel_algorithm: str = _DEFAULTS.superpixel_algorithm
+    max_superpixel_per_image: int = _DEFAULTS.max_superpixel_per_image
+    superpixel_cell: int = _DEFAULTS.superpixel_cell
+    uncertainty_method: str = _DEFAULTS.uncertainty_method
+    topk_superpixel_score: int = _DEFAULTS.topk_superpixel_score
+    max_kept_mining_image: int = _DEFAULTS.max_kept_mining_image
+    class_balance: bool = _DEFAULTS.class_balance
+    ripu_region_radius: int = _DEFAULTS.ripu_region_radius
+    reduction: str = _DEFAULTS.reduction
+    topk_percent: float = _DEFAULTS.topk_percent
+    seed: int = _DEFAULTS.seed
+    region_budget: float = _DEFAULTS.region_budget
+
+    @classmethod
+    def from_config(cls, cfg: MineConfig) -> MiningParams:
+        """The knobs of ``cfg``, taken by name; a ConfigError on a bad name or range."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     def __post_init__(self) -> None:
         # Fail on a typo before any image is predicted.

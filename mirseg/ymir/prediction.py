@@ -10,12 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, user_classes
 from mirseg.config import InferConfig, MineConfig, build_config
 from mirseg.fileio import atomic_path, write_atomic
 from mirseg.infer import run_inference
 from mirseg.mine import mine
-from mirseg.train import _user_classes
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
     CODE_DATASET,
@@ -44,7 +43,7 @@ def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
         raise YmirError(f"{weights[0]} is not a mirseg checkpoint (no class names or architecture): models trained "
                         "by the mmsegmentation image must be retrained with mirseg first", CODE_MODEL)
     names = params.get("class_names")
-    user = list(_user_classes(ckpt))
+    user = list(user_classes(ckpt, str(weights[0])))
     if names and list(names) != user:
         log.warning("config class_names %s differ from the model's classes %s; results use the model's", names, user)
     return weights[0]

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from mirseg.coerce import read_yaml_mapping
-from mirseg.errors import MirsegError
+from mirseg.coerce import parse_bool, read_yaml_mapping
+from mirseg.errors import ConfigError, MirsegError
 from mirseg.fileio import write_atomic
 
 # Executor error codes of the SDK (ymir_exc/code.py), written to monitor.txt before a non-zero exit.
@@ -75,14 +75,10 @@ class YmirEnv:
 
 
 def _flag(value: Any, key: str, source: Path) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "t", "1", "yes"):
-        return True
-    if text in ("false", "f", "0", "no", "", "none"):
-        return False
-    raise YmirError(f"{source}: {key} must be true or false, got {value!r}")
+    try:
+        return parse_bool(value, f"{source}: {key}")
+    except ConfigError as exc:
+        raise YmirError(str(exc)) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
