@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -43,16 +44,6 @@ from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.infer import load_predictor, run_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
 from mirseg.predict import autocast_dtype  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:

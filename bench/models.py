@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.constants import IGNORE_INDEX  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bf16_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
+    print(f"# {cpu_model()}, torch {torch.__version__}, device {device}, "
           f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print("# inference: 1x3x512x1024, median of", args.repeat, "runs; train step: batch 2, 3x512x512")

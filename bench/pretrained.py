@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import pretrained  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -41,16 +42,6 @@ from mirseg.train import train  # noqa: E402
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
            "bicyclist"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _list(images: Path, limit: int, out: Path) -> str:
