@@ -12,6 +12,11 @@ from mirseg.models import MODELS
 FAMILIES = ("fastscnn", "deeplabv3plus_r18", "hrnet_w18s", "ocrnet_hr18s")
 
 
-def one_per_family(names: Iterable[str] = MODELS) -> list:
-    """``names`` as pytest parameters, those outside :data:`FAMILIES` marked slow."""
-    return [n if n in FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in names]
+def one_per_family(names: Iterable[str] = MODELS, default: Iterable[str] = FAMILIES) -> list:
+    """``names`` as pytest parameters, those outside ``default`` (one per family) marked slow."""
+    keep = set(default)
+    return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+FASTEST = ("fastscnn",)
+"""For tests whose cost is tracing or exporting a whole network: FastSCNN by default, the rest in CI."""

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from archs import one_per_family
+from archs import FASTEST, one_per_family
 from torch import nn
 
 from mirseg.checkpoint import atomic_save, make_checkpoint
@@ -61,7 +61,7 @@ def _reference(ckpt, x: torch.Tensor) -> np.ndarray:
         return load_predictor(ckpt, device="cpu", channels_last=False).model(x)["out"].numpy()
 
 
-@pytest.mark.parametrize("arch", ["fastscnn", "hrnet_w18s"])
+@pytest.mark.parametrize("arch", one_per_family(["fastscnn", "hrnet_w18s"], FASTEST))
 def test_onnx_matches_pytorch_at_any_size(arch, tmp_path):
     ckpt = tmp_path / f"{arch}.pth"
     _save_checkpoint(ckpt, arch)
@@ -85,7 +85,7 @@ def test_onnx_matches_pytorch_at_any_size(arch, tmp_path):
     assert json.loads(props["mirseg"]) == meta == read_metadata(out)
 
 
-@pytest.mark.parametrize("arch", one_per_family())
+@pytest.mark.parametrize("arch", one_per_family(default=FASTEST))
 def test_torchscript_traces_every_architecture_for_any_size(arch, tmp_path):
     ckpt = tmp_path / "m.pth"
     _save_checkpoint(ckpt, arch)

@@ -89,7 +89,13 @@ def test_every_backbone_has_its_file_and_fastscnn_has_none():
     assert pretrained.zoo_file("hrnet_w18s").name.startswith("fcn_hr18s_512x1024_40k_")
 
 
-@pytest.mark.parametrize("preset, name, wrap, counters", LAYOUTS, ids=[p for p, *_ in LAYOUTS])
+# The two largest backbones (the same layouts as the others) run in CI only (RUN_SLOW=1): ~4 s.
+_LARGE = ("deeplabv3plus_r50", "ocrnet_hr18")
+
+
+@pytest.mark.parametrize("preset, name, wrap, counters",
+                         [pytest.param(*layout, marks=pytest.mark.slow) if layout[0] in _LARGE else layout
+                          for layout in LAYOUTS], ids=[p for p, *_ in LAYOUTS])
 def test_imagenet_file_fills_the_backbone_and_ignores_the_head(tmp_path, caplog, preset, name, wrap, counters):
     path, state = _imagenet_file(tmp_path / "w", pretrained.PRESETS[preset].model, name, wrap, counters)
     torch.manual_seed(0)

@@ -209,6 +209,7 @@ def test_cli_reports_bad_keys(tmp_path, caplog):
     assert Path(cfg).exists()
 
 
+@pytest.mark.slow  # two torch processes start: ~9 s (CI runs it; test_interrupt has its torchrun twin)
 def test_torchrun_two_cpu_processes(shapes, tmp_path):
     """DistributedDataParallel over gloo: two processes train one model and rank 0 alone writes it."""
     import subprocess
