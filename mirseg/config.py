@@ -199,6 +199,8 @@ class MineConfig:
         _check_sizes(self, ("img_scale",))
         if not self.power_beta >= 0:
             raise ConfigError(f"power_beta must be >= 0, got {self.power_beta}")
+        if self.sampling not in ("top", "power"):  # the Literal is checked when coerced, not when built in Python
+            raise ConfigError(f"sampling must be 'top' or 'power', got {self.sampling!r}")
 
 
 def _check_counts(cfg: Any, positive: Iterable[str], non_negative: Iterable[str] = ()) -> None:

@@ -48,7 +48,7 @@ from mirseg import interrupt
 from mirseg.config import MineConfig, check_output_dirs
 from mirseg.data.images import ImageError, read_image, write_image
 from mirseg.data.sources import list_images
-from mirseg.errors import ConfigError, Interrupted
+from mirseg.errors import Interrupted
 from mirseg.fileio import write_atomic
 from mirseg.infer import JOURNAL, ImagePrediction, iter_predictions, load_predictor
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
@@ -75,15 +75,6 @@ class MineResult:
     tsv: Path  # out_dir/result.tsv
     failed: list[tuple[str, str]]  # (path, reason) of the unreadable candidates (ranked last)
     masks: list[Path] = field(default_factory=list)  # masks written (save_masks)
-
-
-def _check(cfg: MineConfig) -> None:
-    if cfg.sampling not in ("top", "power"):
-        raise ConfigError(f"sampling must be 'top' or 'power', got {cfg.sampling!r}")
-    if cfg.power_beta < 0:
-        raise ConfigError(f"power_beta must be >= 0, got {cfg.power_beta}")
-    if cfg.max_saved_masks < 0:
-        raise ConfigError(f"max_saved_masks must be >= 0, got {cfg.max_saved_masks}")
 
 
 def _unique(paths: Sequence[str]) -> list[str]:
@@ -163,7 +154,6 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     """
     miner = get_algorithm(cfg.mining_algorithm)
     params = MiningParams.from_config(cfg)
-    _check(cfg)
     check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     paths = _unique(list_images(cfg.images))
     out_dir = Path(cfg.out_dir)
