@@ -335,7 +335,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
             image_id = coco.add_encoded(rec["image"], rec["anns"]) if coco and rec["image"] is not None else None
             if rec["error"] is not None:
                 failed.append((rec["path"], rec["error"]))
-            rows.write(f"{image_id or ''}\t{rec['name']}\t{rec['path']}\t{_one_line(rec['error'] or 'ok')}\n")
+            rows.write(_row(image_id, rec["name"], rec["path"], rec["error"]))
         start = len(journal.records)
         if start:
             log.info("resuming: %d of %d images were done by the interrupted run", start, len(paths))
@@ -354,7 +354,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                     if coco:
                         entry, anns = coco.encode(pred.path, label, conf.cpu().numpy())
                 image_id = coco.add_encoded(entry, anns) if entry is not None else None
-                rows.write(f"{image_id or ''}\t{name}\t{pred.path}\t{_one_line(pred.error or 'ok')}\n")
+                rows.write(_row(image_id, name, pred.path, pred.error))
                 journal.append({"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns})
                 if progress is not None:
                     progress(done / len(paths))
@@ -378,6 +378,11 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                     out_dir / "images.tsv", "; ".join(p for p, _ in failed[:5]) + (" ..." if len(failed) > 5 else ""))
     return InferResult(out_dir=out_dir, num_images=len(paths), failed=failed, coco_json=coco_json,
                        class_names=list(predictor.class_names), index_tsv=out_dir / "images.tsv")
+
+
+def _row(image_id: int | None, name: str, path: str, error: str | None) -> str:
+    """One line of images.tsv (image_id, name, path, status), the same for a replayed and a new image."""
+    return f"{image_id or ''}\t{name}\t{path}\t{_one_line(error or 'ok')}\n"
 
 
 def _one_line(text: str) -> str:
