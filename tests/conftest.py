@@ -1,8 +1,15 @@
-"""Shared fixtures: the parity test data shipped in tests/data/parity, the slow marker, a trained toy model."""
+"""Shared fixtures: the parity test data shipped in tests/data/parity, the slow marker, a trained toy model.
+
+The suite runs in pytest-xdist workers (``-n auto`` in pyproject.toml): each worker keeps to one torch/OpenMP
+thread, since two workers with two threads each on two cores slow every step 10-100x, and the toy model is
+trained once for all workers (the first to ask trains it under a file lock; the others load what it saved).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,9 +18,11 @@ from types import ModuleType
 import parity_fill  # tests/parity_fill.py: pytest puts this folder (no __init__.py) on sys.path
 import pytest
 import toy  # tests/toy.py, likewise
+import torch
 
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
+IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 _WEIGHTS = pytest.StashKey[str]()
 
 
@@ -21,6 +30,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Point pretrained=auto at an empty weights folder: weights a developer or the image has downloaded must not
     change what the tests train (subprocesses inherit it; YMIR tasks read it before /weights)."""
     os.environ["MIRSEG_WEIGHTS"] = config.stash[_WEIGHTS] = tempfile.mkdtemp(prefix="mirseg-test-weights-")
+    if IN_WORKER:  # subprocesses the tests start inherit the one-thread rule
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -54,8 +66,6 @@ def fill() -> ModuleType:
 def one_torch_thread():
     """Tiny inputs gain nothing from a second thread, and OpenMP's barriers stall badly when the
     other core is busy (parallel test runs): one thread keeps such tests fast and steady."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -64,10 +74,20 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory) -> toy.ToyRun:
-    """The toy FastSCNN (tests/toy.py), trained once per session: every test that needs a trained model shares it."""
-    run = toy.train_toy_fastscnn(tmp_path_factory.mktemp("trained_fastscnn"))
-    assert run.result.best_metrics["mIoU"] > 0.8, run.result.best_metrics
-    return run
+    """The toy FastSCNN (tests/toy.py), trained once per run of the suite: every test that needs a trained model
+    shares it, across xdist workers too (their base temp folders sit side by side in one parent)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if IN_WORKER else base) / "trained_fastscnn"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        saved = root / "run.pickle"
+        if saved.exists():
+            return pickle.loads(saved.read_bytes())
+        run = toy.train_toy_fastscnn(root)
+        assert run.result.best_metrics["mIoU"] > 0.8, run.result.best_metrics
+        saved.write_bytes(pickle.dumps(run))
+        return run
 
 
 @pytest.fixture(scope="session")
