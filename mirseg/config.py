@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import yaml
 
 from mirseg.coerce import coerce, field_types, parse_overrides, read_yaml_mapping
@@ -67,8 +68,8 @@ class TrainConfig:
     scale_lr: bool = True  # scale lr linearly with total batch / the preset's design batch
     class_weight: tuple[float, ...] | str = ()  # per-class loss weights, or "auto"
     # -- augmentation
-    crop_size: tuple[int, int] | None = None  # (h, w)
-    img_scale: tuple[int, int] | None = None  # (w, h)
+    crop_size: tuple[int, int] | None = None  # (h, w); default: the preset's, clipped to img_scale
+    img_scale: tuple[int, int] | Literal["auto", "preset"] | None = None  # (w, h); auto: the training images' median size; preset: the mmseg config's
     ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize factor range around img_scale
     cat_max_ratio: float = 0.75  # re-draw a crop where one class covers more than this share
     # -- evaluation
@@ -105,20 +106,49 @@ class TrainConfig:
     def model(self) -> str:
         return self.preset.model
 
-    def resolved(self) -> TrainConfig:
-        """A copy with every preset-dependent ``None`` filled in (what gets saved)."""
+    def resolved(self, image_sizes: Sequence[tuple[int, int]] = ()) -> TrainConfig:
+        """A copy with every preset-dependent ``None`` filled in (what gets saved); ``image_sizes`` are the
+        training images' (h, w), which the scale and the crop are fitted to (:func:`fit_scale`)."""
         p = self.preset
-        crop = self.crop_size or p.crop_size
+        scale, crop, _ = fit_scale(self, image_sizes)
         return dataclasses.replace(
             self,
             lr=p.lr if self.lr is None else self.lr,
             weight_decay=p.weight_decay if self.weight_decay is None else self.weight_decay,
             crop_size=crop,
-            img_scale=self.img_scale or p.img_scale,
+            img_scale=scale,
             test_mode=self.test_mode or p.test_mode,
             slide_crop=self.slide_crop or crop,
             slide_stride=self.slide_stride or p.slide_stride,
         )
+
+
+def fit_scale(cfg: TrainConfig, image_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int], str]:
+    """``(img_scale (w, h), crop_size (h, w), why)`` for ``cfg`` on training images of ``image_sizes`` (h, w).
+
+    The mmseg configs' scales are Cityscapes' (2048x1024): kept for 480x360 images, training would
+    blow them up 2.8x around it and evaluate there, at 8x the pixels, for nothing the data holds. So
+    an ``img_scale`` not given (or ``auto``) is the images' median width and height, and ``preset``
+    (or no images to look at) takes the preset's. A ``crop_size`` not given is the preset's, clipped
+    to the scale: a crop larger than the images is padding the network learns nothing from.
+    """
+    p, name = cfg.preset, cfg.config_file
+    if isinstance(cfg.img_scale, (tuple, list)):
+        scale, scale_why = tuple(cfg.img_scale), "as given"
+    elif cfg.img_scale == "preset" or not image_sizes:
+        scale, scale_why = p.img_scale, f"the preset's ({name})"
+    else:
+        heights, widths = zip(*image_sizes)
+        scale = (int(np.median(widths)), int(np.median(heights)))
+        scale_why = (f"the median size of the {len(image_sizes)} training images (img_scale=preset gives the "
+                     f"preset's {list(p.img_scale)})")
+    if cfg.crop_size:
+        crop, crop_why = tuple(cfg.crop_size), "as given"
+    else:
+        # (h, w) of the median image at img_scale is (scale[1], scale[0]) in either orientation.
+        crop = (min(p.crop_size[0], scale[1]), min(p.crop_size[1], scale[0]))
+        crop_why = (f"the preset's {list(p.crop_size)}" + (" clipped to img_scale" if crop != p.crop_size else ""))
+    return scale, crop, f"img_scale {list(scale)} (w, h): {scale_why}; crop_size {list(crop)} (h, w): {crop_why}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +247,7 @@ def _check_sizes(cfg: Any, keys: Iterable[str]) -> None:
     """(a, b) size keys: ``None`` (the default) or two positive integers."""
     for key in keys:
         value = getattr(cfg, key)
-        if value is not None and not all(v > 0 for v in value):
+        if value is not None and not isinstance(value, str) and not all(v > 0 for v in value):
             raise ConfigError(f"{key} must be two positive integers, got {list(value)}")
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mirseg import dist, interrupt, pretrained
 from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
-from mirseg.config import TrainConfig, check_output_dirs, save_config, to_dict
+from mirseg.config import TrainConfig, check_output_dirs, fit_scale, save_config, to_dict
 from mirseg.data.check import check_data, crop_padding_warning
 from mirseg.data.dataset import DatasetError, SegDataset, label_histogram
 from mirseg.data.images import opencv_threads
@@ -120,7 +120,6 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
 
 def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
            stop: interrupt.StopRequest) -> TrainResult:
-    cfg = cfg.resolved()
     check_output_dirs(cfg)  # a work_dir that is a file fails before any work
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
@@ -198,6 +197,10 @@ def _load_data(cfg: TrainConfig, rt: dist.Runtime) -> tuple[TrainConfig, TrainDa
     # checks for itself (reading headers is cheap), so all ranks agree on the samples without a broadcast.
     checked = check_data({"train": train_split.samples, "val": val_split.samples}, len(class_names),
                          workers=cfg.workers_per_gpu, skip_bad=cfg.skip_bad_images, report=rt.is_main)
+    sizes = checked["train"].sizes
+    if rt.is_main:
+        log.info("%s", fit_scale(cfg, sizes)[2])
+    cfg = cfg.resolved(sizes)  # the preset's numbers, with the scale and crop fitted to these images
     padding = crop_padding_warning(checked["train"].sizes, cfg.crop_size, cfg.img_scale, cfg.ratio_range)
     if padding and rt.is_main:
         log.warning("%s", padding)

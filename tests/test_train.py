@@ -12,7 +12,8 @@ import yaml
 
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
-from mirseg.config import TrainConfig, build_config
+from mirseg.config import TrainConfig, build_config, fit_scale
+from mirseg.errors import ConfigError
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.sampler import IterationSampler
 from mirseg.loss import auto_class_weight, segmentation_loss
@@ -104,6 +105,40 @@ def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
     text = caplog.text
     assert "lr scaled linearly from 0.12 (batch 32 of the preset) to 0.0075 (batch 2)" in text
     assert "class weights (auto): background=" in text
+
+
+def test_scale_and_crop_fit_the_images_unless_given():
+    """Not given, img_scale is the training images' median (w, h) and the crop the preset's clipped to it."""
+    street = [(360, 480)] * 3 + [(720, 960)]  # (h, w)
+    cfg = build_config(TrainConfig, {})
+    assert fit_scale(cfg, street)[:2] == ((480, 360), (360, 480))
+    assert "median size of the 4 training images" in fit_scale(cfg, street)[2]
+    assert "the preset's [512, 1024] clipped to img_scale" in fit_scale(cfg, street)[2]
+    assert fit_scale(cfg, [(480, 360)])[:2] == ((360, 480), (480, 360))  # portrait images
+    big = [(1024, 2048)]  # Cityscapes-sized: the preset's crop fits, nothing is clipped
+    assert fit_scale(cfg, big)[:2] == ((2048, 1024), (512, 1024)) and "clipped" not in fit_scale(cfg, big)[2]
+    assert fit_scale(cfg, ())[:2] == ((2048, 1024), (512, 1024))  # nothing to look at: the preset's
+    preset = build_config(TrainConfig, {"img_scale": "preset", "config_file": "hrnet_w18s"})
+    assert fit_scale(preset, street)[:2] == ((2048, 1024), (512, 1024))
+    given = build_config(TrainConfig, {"img_scale": [640, 480], "crop_size": [400, 400]})
+    assert fit_scale(given, street) == ((640, 480), (400, 400),
+                                        "img_scale [640, 480] (w, h): as given; crop_size [400, 400] (h, w): as given")
+    assert build_config(TrainConfig, {"crop_size": [200, 300]}).resolved(street).crop_size == (200, 300)
+    slide = build_config(TrainConfig, {"config_file": "deeplabv3plus_r18_769"}).resolved(street)
+    assert (slide.crop_size, slide.slide_crop, slide.test_mode) == ((360, 480), (360, 480), "slide")
+    with pytest.raises(ConfigError, match="img_scale"):
+        build_config(TrainConfig, {"img_scale": "large"})
+
+
+def test_training_logs_and_saves_the_fitted_scale(shapes, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        train(_cfg(shapes, tmp_path, max_iters=1, interval=1, img_scale=None, crop_size=None))
+    assert ("img_scale [128, 96] (w, h): the median size of the 24 training images (img_scale=preset gives the "
+            "preset's [2048, 1024]); crop_size [96, 128] (h, w): the preset's [512, 1024] clipped to img_scale"
+            in caplog.text)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["img_scale"] == [128, 96] and saved["crop_size"] == [96, 128]
+    assert read_checkpoint(tmp_path / "last.pth")["config"]["img_scale"] == [128, 96]
 
 
 def test_class_weight_list_must_match(shapes, tmp_path):
