@@ -62,7 +62,7 @@ def generated(root: Path, pool: int, seed: int) -> Dataset:
     va = make_dataset(root / "val", 32, size=(96, 128), num_classes=3, seed=200 + seed, labels=True)
     return Dataset("generated", sorted(str(p) for p in tr.images.iterdir()), tr.labels, va.images, va.labels,
                    ["background", *tr.class_names],
-                   train=dict(crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, lr=0.12, scale_lr=False),
+                   train=dict(crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, lr=0.12, lr_scaling="none"),
                    mine=dict(max_superpixel_per_image=128, superpixel_cell=0))
 
 
@@ -73,7 +73,7 @@ def camvid(root: Path) -> Dataset:
     return Dataset("camvid", pool, root / "labels" / "train", root / "images" / "val", root / "labels" / "val",
                    CAMVID_CLASSES,
                    train=dict(crop_size=[192, 256], img_scale=[480, 360], samples_per_gpu=8, lr=0.12,
-                              scale_lr=False),
+                              lr_scaling="none"),
                    mine=dict(max_superpixel_per_image=512, superpixel_cell=0))
 
 

@@ -47,7 +47,7 @@ def main() -> None:
         result = train(build_config(TrainConfig, dict(
             train_ann=str(tr.ann), train_images=str(tr.images), val_ann=str(va.ann), val_images=str(va.images),
             crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8, workers_per_gpu=0, lr=0.12,
-            scale_lr=False, max_iters=300, interval=300, seed=0, work_dir=str(tmp / "run"))))
+            lr_scaling="none", max_iters=300, interval=300, seed=0, work_dir=str(tmp / "run"))))
         mined = mine(build_config(MineConfig, dict(
             checkpoint=str(result.best), images=str(pool.images), out_dir=str(tmp / "mine"), mining_algorithm="rsal",
             img_scale=[SIZE[1], SIZE[0]], max_superpixel_per_image=MAX_SUPERPIXELS, superpixel_cell=0,

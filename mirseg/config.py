@@ -31,6 +31,10 @@ from mirseg.presets import Preset, resolve_preset
 # The training configuration.
 
 
+ScaleKey = tuple[int, int] | Literal["auto", "preset"]
+"""``img_scale`` in training: (w, h), or how to choose it (:func:`fit_scale`)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of ``mirseg train``; ``None`` means "from the preset of ``config_file``"."""
@@ -65,11 +69,12 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     min_lr: float = 1e-4  # poly decay floor
     power: float = 0.9  # poly decay exponent
-    scale_lr: bool = True  # scale lr linearly with total batch / the preset's design batch
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"  # lr x (total batch / preset's design batch)^0, ^.5, ^1
+    warmup_iters: int = 0  # linear warm-up of the lr from 0.1x over this many first iterations (0: none)
     class_weight: tuple[float, ...] | str = ()  # per-class loss weights, or "auto"
     # -- augmentation
     crop_size: tuple[int, int] | None = None  # (h, w); default: the preset's, clipped to img_scale
-    img_scale: tuple[int, int] | Literal["auto", "preset"] | None = None  # (w, h); auto: the training images' median size; preset: the mmseg config's
+    img_scale: ScaleKey | None = None  # (w, h); auto (default): the training images' median size; preset: mmseg's
     ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize factor range around img_scale
     cat_max_ratio: float = 0.75  # re-draw a crop where one class covers more than this share
     # -- evaluation
@@ -86,7 +91,8 @@ class TrainConfig:
     tensorboard_dir: str = ""  # default: work_dir/tensorboard
 
     def __post_init__(self) -> None:
-        _check_counts(self, ("samples_per_gpu", "max_iters", "interval", "log_interval"), ("workers_per_gpu",))
+        _check_counts(self, ("samples_per_gpu", "max_iters", "interval", "log_interval"),
+                      ("workers_per_gpu", "warmup_iters"))
         _check_sizes(self, ("crop_size", "img_scale", "slide_crop", "slide_stride"))
         if self.max_keep_ckpts < -1 or self.max_keep_ckpts == 0:
             raise ConfigError(f"max_keep_ckpts must be -1 (all) or >= 1, got {self.max_keep_ckpts}")
@@ -255,6 +261,11 @@ ALIASES: dict[str, str] = {
     "ignore_black_area": "ignore_blank_area",  # the seed README's spelling
 }
 
+RENAMED: dict[str, str] = {
+    "scale_lr": "lr_scaling (none, sqrt or linear; scale_lr=false was lr_scaling=none, true was linear)",
+}
+"""Keys of earlier mirseg versions: their error says what replaced them."""
+
 COMMANDS: dict[type, str] = {TrainConfig: "mirseg train", InferConfig: "mirseg infer", MineConfig: "mirseg mine"}
 """The command each config class belongs to, for messages."""
 
@@ -299,7 +310,10 @@ def check_keys(keys: Iterable[Any], allowed: Iterable[str], source: str, command
     parts = []
     for key in bad:
         hint = difflib.get_close_matches(key, names, n=1)
-        parts.append(repr(key) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if key in RENAMED and RENAMED[key].split()[0] in allowed:
+            parts.append(f"{key!r} (renamed: {RENAMED[key]})")
+        else:
+            parts.append(repr(key) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     why = f" ({note})" if note and any(ALIASES.get(k, k) in known for k in bad) else ""
     raise ConfigError(f"{source}: {command} does not use {', '.join(parts)}{why}; fix or remove "
                       f"{'it' if len(bad) == 1 else 'them'}. Keys of {command}: {', '.join(allowed)}")

@@ -153,7 +153,7 @@ def _run_steps(out: Path, plan: Plan, seed: int, steps: list[str], t0: float) ->
     cfg = build_config(TrainConfig, dict(
         config_file="fastscnn", train_ann=str(train_set.ann), train_images=str(train_set.images),
         val_ann=str(val_set.ann), val_images=str(val_set.images), crop_size=[plan.crop, plan.crop],
-        img_scale=[w, h], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, scale_lr=False, max_iters=plan.iters,
+        img_scale=[w, h], samples_per_gpu=8, workers_per_gpu=0, lr=0.12, lr_scaling="none", max_iters=plan.iters,
         interval=max(plan.iters // 2, 1), work_dir=str(out / "train"), device="cpu", seed=seed,
         pretrained="none"))  # the same run on every machine, whatever weights it has downloaded
     result = train(cfg)

@@ -64,9 +64,18 @@ class TrainResult:
     class_names: list[str] = field(default_factory=list)
 
 
-def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int) -> Callable[[int], float]:
-    """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``."""
-    return lambda it: ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
+def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int,
+            warmup_iters: int = 0) -> Callable[[int], float]:
+    """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``, times a
+    linear warm-up from 0.1 to 1 over the first ``warmup_iters`` (mmcv's ``warmup='linear'``, ratio 0.1)."""
+    def factor(it: int) -> float:
+        poly = ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
+        return poly * (1 - 0.9 * (1 - it / warmup_iters)) if it < warmup_iters else poly
+    return factor
+
+
+LR_EXPONENTS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+"""``lr_scaling``: the lr is ``lr * (total batch / the preset's design batch) ** exponent``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,16 +234,15 @@ def _build_model(cfg: TrainConfig, num_classes: int, rt: dist.Runtime) -> tuple[
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module, rt: dist.Runtime) -> TrainState:
     """SGD with momentum, the poly schedule over ``max_iters`` and the AMP scaler, at iteration 0."""
-    total_batch = cfg.samples_per_gpu * rt.world_size
-    lr = cfg.lr
-    if cfg.scale_lr and total_batch != cfg.preset.batch_size:
-        lr = cfg.lr * total_batch / cfg.preset.batch_size
-        if rt.is_main:
-            log.info("lr scaled linearly from %g (batch %d of the preset) to %g (batch %d); scale_lr=false keeps %g",
-                     cfg.lr, cfg.preset.batch_size, lr, total_batch, cfg.lr)
+    total_batch, design = cfg.samples_per_gpu * rt.world_size, cfg.preset.batch_size
+    lr = cfg.lr * (total_batch / design) ** LR_EXPONENTS[cfg.lr_scaling]
+    if rt.is_main and total_batch != design:
+        how = "kept" if cfg.lr_scaling == "none" else f"scaled ({cfg.lr_scaling})"
+        log.info("lr %s from %g (batch %d of the preset) to %g (batch %d); lr_scaling: none, sqrt or linear",
+                 how, cfg.lr, design, lr, total_batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr(lr, min(cfg.min_lr, lr), cfg.power,
-                                                                     cfg.max_iters))
+                                                                     cfg.max_iters, cfg.warmup_iters))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and rt.device.type == "cuda")
     return TrainState(model, optimizer, scheduler, scaler)
 

@@ -17,8 +17,8 @@ from types import ModuleType
 
 import parity_fill  # tests/parity_fill.py: pytest puts this folder (no __init__.py) on sys.path
 import pytest
-import toy  # tests/toy.py, likewise
 import torch
+import toy  # tests/toy.py, likewise
 
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")

@@ -457,7 +457,7 @@ def test_ymir_training_sigterm_writes_the_monitor_error_state(tmp_path):
     tr = make_dataset(tmp_path / "src", 6, size=(48, 64), num_classes=2, seed=1)
     coco = ymir_coco([(tr.ann, tr.images)], ["disc", "box"], tmp_path / "all")
     config = {"max_iters": 400, "interval": 200, "samples_per_gpu": 2, "workers_per_gpu": 0, "log_interval": 1,
-              "cfg_options": "crop_size=[32,32] img_scale=[64,48] scale_lr=false"}
+              "cfg_options": "crop_size=[32,32] img_scale=[64,48] lr_scaling=none"}
     env = training_workspace(tmp_path / "task", coco, tmp_path / "all", ["img_0000.png"], ["disc", "box"], config)
     proc = subprocess.Popen([sys.executable, "-m", "mirseg.ymir", "--env", str(env)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=CHILD_ENV, cwd=env.parent)

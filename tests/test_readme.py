@@ -120,7 +120,7 @@ def _walkthrough() -> list[str]:
 # Appended to the README's commands so that the walkthrough runs in seconds (later keys win).
 FAST = {
     "train": ["max_iters=40", "interval=20", "crop_size=[64,64]", "img_scale=[128,96]", "samples_per_gpu=4",
-              "workers_per_gpu=0", "lr=0.05", "scale_lr=false"],
+              "workers_per_gpu=0", "lr=0.05", "lr_scaling=none"],
     "eval": [], "infer": ["workers_per_gpu=0"], "mine": ["workers_per_gpu=0", "max_superpixel_per_image=64"],
     "export": ["--height", "96", "--width", "128"],
 }

@@ -13,9 +13,9 @@ import yaml
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config, fit_scale
-from mirseg.errors import ConfigError
 from mirseg.constants import IGNORE_INDEX
 from mirseg.data.sampler import IterationSampler
+from mirseg.errors import ConfigError
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.train import TrainingDiverged, poly_lr, train
 
@@ -101,9 +101,10 @@ def test_nan_loss_stops_with_the_iteration(shapes, tmp_path):
 
 def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mirseg"):
-        train(_cfg(shapes, tmp_path, max_iters=1, interval=1, samples_per_gpu=2, scale_lr=True, class_weight="auto"))
+        train(_cfg(shapes, tmp_path, max_iters=1, interval=1, samples_per_gpu=2, lr_scaling="linear",
+                   class_weight="auto"))
     text = caplog.text
-    assert "lr scaled linearly from 0.12 (batch 32 of the preset) to 0.0075 (batch 2)" in text
+    assert "lr scaled (linear) from 0.12 (batch 32 of the preset) to 0.0075 (batch 2)" in text
     assert "class weights (auto): background=" in text
 
 
@@ -141,6 +142,22 @@ def test_training_logs_and_saves_the_fitted_scale(shapes, tmp_path, caplog):
     assert read_checkpoint(tmp_path / "last.pth")["config"]["img_scale"] == [128, 96]
 
 
+@pytest.mark.parametrize("rule, lr", [("none", 0.12), ("sqrt", 0.03), ("linear", 0.0075)])
+def test_lr_scaling_rules_set_the_optimizer_lr(shapes, tmp_path, caplog, rule, lr):
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        result = train(_cfg(shapes, tmp_path, max_iters=1, interval=1, samples_per_gpu=2, lr_scaling=rule,
+                            warmup_iters=5))
+    state = read_checkpoint(result.last, trust=True)["scheduler"]
+    assert state["base_lrs"] == [pytest.approx(lr)]
+    assert state["_last_lr"] == [pytest.approx(lr * poly_lr(lr, 1e-4, 0.9, 1, 5)(1))]  # in the warm-up
+    assert f"from 0.12 (batch 32 of the preset) to {lr:g} (batch 2)" in caplog.text
+
+
+def test_the_old_scale_lr_key_says_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"'scale_lr' \(renamed: lr_scaling \(none, sqrt or linear"):
+        build_config(TrainConfig, {"scale_lr": True})
+
+
 def test_class_weight_list_must_match(shapes, tmp_path):
     with pytest.raises(ValueError, match="class_weight has 2 values but there are 3 classes"):
         train(_cfg(shapes, tmp_path, max_iters=1, class_weight=[1, 2]))
@@ -151,6 +168,9 @@ def test_poly_schedule_and_auto_weights():
     assert f(0) == pytest.approx(1.0)
     assert f(100) * 0.01 == pytest.approx(1e-4)
     assert f(50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+    warm = poly_lr(0.01, 1e-4, 0.9, 100, warmup_iters=10)
+    assert warm(0) == pytest.approx(0.1 * f(0)) and warm(5) == pytest.approx(0.55 * f(5))
+    assert warm(10) == f(10) and warm(60) == f(60)  # after the warm-up: the poly schedule unchanged
     w = auto_class_weight(torch.tensor([900, 100, 0]).numpy())
     assert w[1] > w[0] and w[2] == 1.0
 

@@ -51,7 +51,7 @@ def _coco_source(root: Path) -> tuple[dict, Path, list[str]]:
 
 TRAIN_CONFIG = {"max_iters": 120, "interval": 60, "samples_per_gpu": 4, "workers_per_gpu": "0",
                 "save_least_file": "False", "max_keep_ckpts": 1, "config_file": "fastscnn",
-                "cfg_options": "crop_size=[64,64] img_scale=[128,96] lr=0.12 scale_lr=false",
+                "cfg_options": "crop_size=[64,64] img_scale=[128,96] lr=0.12 lr_scaling=none",
                 "args_options": "--seed 3"}
 
 

@@ -22,7 +22,7 @@ def shapes_config(train_set: SyntheticSet, val_set: SyntheticSet, work_dir: str 
     """The toy training's config on generated shapes; ``keys`` override (max_iters, interval, ...)."""
     values = dict(train_ann=str(train_set.ann), train_images=str(train_set.images), val_ann=str(val_set.ann),
                   val_images=str(val_set.images), crop_size=[64, 64], img_scale=[128, 96], samples_per_gpu=8,
-                  workers_per_gpu=0, lr=0.12, scale_lr=False, work_dir=str(work_dir), pretrained="none")
+                  workers_per_gpu=0, lr=0.12, lr_scaling="none", work_dir=str(work_dir), pretrained="none")
     return build_config(TrainConfig, {**values, **keys})
 
 
