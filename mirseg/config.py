@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import numpy as np
 import yaml
 
 from mirseg.coerce import coerce, field_types, parse_overrides, read_yaml_mapping
 from mirseg.errors import ConfigError
 from mirseg.fileio import write_atomic
-from mirseg.presets import Preset, resolve_preset
+from mirseg.presets import Preset, fit_to_images, resolve_preset
 
 # ---------------------------------------------------------------------------------------------
 # The training configuration.
@@ -130,31 +129,9 @@ class TrainConfig:
 
 
 def fit_scale(cfg: TrainConfig, image_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int], str]:
-    """``(img_scale (w, h), crop_size (h, w), why)`` for ``cfg`` on training images of ``image_sizes`` (h, w).
-
-    The mmseg configs' scales are Cityscapes' (2048x1024): kept for 480x360 images, training would
-    blow them up 2.8x around it and evaluate there, at 8x the pixels, for nothing the data holds. So
-    an ``img_scale`` not given (or ``auto``) is the images' median width and height, and ``preset``
-    (or no images to look at) takes the preset's. A ``crop_size`` not given is the preset's, clipped
-    to the scale: a crop larger than the images is padding the network learns nothing from.
-    """
-    p, name = cfg.preset, cfg.config_file
-    if isinstance(cfg.img_scale, (tuple, list)):
-        scale, scale_why = tuple(cfg.img_scale), "as given"
-    elif cfg.img_scale == "preset" or not image_sizes:
-        scale, scale_why = p.img_scale, f"the preset's ({name})"
-    else:
-        heights, widths = zip(*image_sizes)
-        scale = (int(np.median(widths)), int(np.median(heights)))
-        scale_why = (f"the median size of the {len(image_sizes)} training images (img_scale=preset gives the "
-                     f"preset's {list(p.img_scale)})")
-    if cfg.crop_size:
-        crop, crop_why = tuple(cfg.crop_size), "as given"
-    else:
-        # (h, w) of the median image at img_scale is (scale[1], scale[0]) in either orientation.
-        crop = (min(p.crop_size[0], scale[1]), min(p.crop_size[1], scale[0]))
-        crop_why = (f"the preset's {list(p.crop_size)}" + (" clipped to img_scale" if crop != p.crop_size else ""))
-    return scale, crop, f"img_scale {list(scale)} (w, h): {scale_why}; crop_size {list(crop)} (h, w): {crop_why}"
+    """``(img_scale, crop_size, why)`` of ``cfg`` for training images of ``image_sizes`` (h, w): see
+    :func:`mirseg.presets.fit_to_images`."""
+    return fit_to_images(cfg.config_file, cfg.img_scale, cfg.crop_size, image_sizes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ accepts both, with a "did you mean" for a typo.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from mirseg.errors import ConfigError
 
@@ -91,3 +94,33 @@ def resolve_preset(config_file: str) -> Preset:
         + f" Presets: {', '.join(PRESETS)}; or one of the original image's config paths, e.g. "
         "configs/fastscnn/fast_scnn_lr0.12_8x4_160k_cityscapes.py"
     )
+
+
+def fit_to_images(config_file: str, img_scale: Sequence[int] | str | None, crop_size: Sequence[int] | None,
+                  image_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int], str]:
+    """``(img_scale (w, h), crop_size (h, w), why)`` of preset ``config_file`` for training images of
+    ``image_sizes`` (h, w), given the user's ``img_scale`` and ``crop_size`` (``None``: not given).
+
+    The mmseg configs' scales are Cityscapes' (2048x1024): kept for 480x360 images, training would
+    blow them up 2.8x around it and evaluate there, at 8x the pixels, for nothing the data holds. So
+    an ``img_scale`` not given (or ``auto``) is the images' median width and height, and ``preset``
+    (or no images to look at) takes the preset's. A ``crop_size`` not given is the preset's, clipped
+    to the scale: a crop larger than the images is padding the network learns nothing from.
+    """
+    p, name = resolve_preset(config_file), config_file
+    if isinstance(img_scale, (tuple, list)):
+        scale, scale_why = tuple(img_scale), "as given"
+    elif img_scale == "preset" or not image_sizes:
+        scale, scale_why = p.img_scale, f"the preset's ({name})"
+    else:
+        heights, widths = zip(*image_sizes)
+        scale = (int(np.median(widths)), int(np.median(heights)))
+        scale_why = (f"the median size of the {len(image_sizes)} training images (img_scale=preset gives the "
+                     f"preset's {list(p.img_scale)})")
+    if crop_size:
+        crop, crop_why = tuple(crop_size), "as given"
+    else:
+        # (h, w) of the median image at img_scale is (scale[1], scale[0]) in either orientation.
+        crop = (min(p.crop_size[0], scale[1]), min(p.crop_size[1], scale[0]))
+        crop_why = (f"the preset's {list(p.crop_size)}" + (" clipped to img_scale" if crop != p.crop_size else ""))
+    return scale, crop, f"img_scale {list(scale)} (w, h): {scale_why}; crop_size {list(crop)} (h, w): {crop_why}"
