@@ -93,6 +93,27 @@ def class_annotations(label: np.ndarray, confidence: np.ndarray | None, num_clas
     return out
 
 
+def image_entry(path: str, height: int | None, width: int | None) -> dict[str, Any]:
+    """The ``images[]`` entry of ``path`` without its id: the basename, and the size when known."""
+    image: dict[str, Any] = {"file_name": os.path.basename(str(path))}
+    if height is not None and width is not None:
+        image.update(width=int(width), height=int(height))
+    return image
+
+
+def encode_result(path: str, label: np.ndarray, confidence: np.ndarray | None, num_classes: int,
+                  background_index: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The image entry and annotations of ``path``'s (H, W) label map, without ids (see
+    :meth:`CocoResultWriter.add_encoded`): what :meth:`CocoResultWriter.encode` returns, computable in any
+    process (under torchrun each one encodes its images, rank 0 writes them)."""
+    if label.ndim != 2:
+        raise ValueError(f"label of {path} must be (H, W), got shape {label.shape}")
+    if confidence is not None and confidence.shape != label.shape:
+        raise ValueError(f"confidence {confidence.shape} and label {label.shape} of {path} differ in shape")
+    skip = () if background_index is None else (background_index,)
+    return image_entry(path, *label.shape), class_annotations(label, confidence, num_classes, skip)
+
+
 class CocoResultWriter:
     """Stream images and their label maps into a COCO result JSON (see the module docstring).
 
@@ -120,13 +141,6 @@ class CocoResultWriter:
         return [{"id": i, "name": n, "supercategory": "none"} for i, n in enumerate(self.class_names)
                 if i != self.background_index]
 
-    @staticmethod
-    def _image(path: str, height: int | None, width: int | None) -> dict[str, Any]:
-        image: dict[str, Any] = {"file_name": os.path.basename(str(path))}
-        if height is not None and width is not None:
-            image.update(width=int(width), height=int(height))
-        return image
-
     def encode(self, path: str, label: np.ndarray,
                confidence: np.ndarray | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The image entry and annotations of ``path``'s (H, W) label map, without ids (see :meth:`add`).
@@ -134,12 +148,7 @@ class CocoResultWriter:
         JSON-ready: :meth:`add_encoded` of a copy read back from JSON writes the same bytes (this is
         how an interrupted ``mirseg infer`` replays the images it had finished).
         """
-        if label.ndim != 2:
-            raise ValueError(f"label of {path} must be (H, W), got shape {label.shape}")
-        if confidence is not None and confidence.shape != label.shape:
-            raise ValueError(f"confidence {confidence.shape} and label {label.shape} of {path} differ in shape")
-        skip = () if self.background_index is None else (self.background_index,)
-        return self._image(path, *label.shape), class_annotations(label, confidence, len(self.class_names), skip)
+        return encode_result(path, label, confidence, len(self.class_names), self.background_index)
 
     def add_encoded(self, image: dict[str, Any], annotations: Sequence[dict[str, Any]]) -> int:
         """Write an :meth:`encode` result with the next image and annotation ids; returns the image id."""
@@ -161,7 +170,7 @@ class CocoResultWriter:
 
     def failed_entry(self, path: str) -> dict[str, Any] | None:
         """The entry :meth:`add_failed` writes for ``path`` (no size), or None when failed images are left out."""
-        return self._image(path, None, None) if self.list_failed else None
+        return image_entry(path, None, None) if self.list_failed else None
 
     def add_failed(self, path: str) -> int | None:
         """An image that could not be read: listed without size (``list_failed``) or left out; its id or None."""

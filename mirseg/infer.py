@@ -3,107 +3,49 @@
 Layers, each used by the next and by mining and the YMIR executor (the maths on tensors is
 :mod:`mirseg.predict`, the per-image result files :mod:`mirseg.outputs`):
 
-* :func:`load_predictor` -> :class:`mirseg.predict.Predictor`: a checkpoint's network, ready to run
-  (eval, BatchNorm folded, channels-last, on its device), with the test scale and mode it was
-  evaluated with (:func:`mirseg.exported.onnx_predictor`: the same for an ONNX export).
+* :func:`load_predictor` (from :mod:`mirseg.predict`) -> :class:`~mirseg.predict.Predictor`: a
+  checkpoint's network, ready to run (eval, BatchNorm folded, channels-last, on its device), with
+  the test scale and mode it was evaluated with (:func:`mirseg.exported.onnx_predictor`: the same
+  for an ONNX export).
 * :func:`iter_predictions`: image paths -> one :class:`ImagePrediction` per path, in input order,
   with the softmax at the working resolution (keep-ratio ``img_scale``). Images are decoded and
-  resized in DataLoader worker processes; a batch only stacks images of the same working size,
-  so there is never padding and batching cannot change a result; test-time flip and multi-scale
+  resized in DataLoader worker processes; a batch only stacks images of the same working size
+  (never padding) out of a fixed group of consecutive images, so the batches, and with them the
+  last bits of every result, are the same however a run is split; test-time flip and multi-scale
   average the probabilities (:func:`mirseg.predict.predict_batch`); an unreadable image yields an
   entry with ``error`` set.
 * :func:`run_inference`: ``mirseg infer``: label / colour PNGs, overlays, ``.npy`` probabilities and
   a COCO RLE JSON, streamed to disk one image at a time. Original-size results resize the
-  probabilities (:func:`mirseg.predict.label_map`), as ``mirseg eval`` does.
+  probabilities (:func:`mirseg.predict.label_map`), as ``mirseg eval`` does. Under ``torchrun`` the
+  processes share the images and the files are those of one process.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mirseg import interrupt
-from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, read_checkpoint
-from mirseg.coco_result import CocoResultWriter
+from mirseg import dist, interrupt
+from mirseg.coco_result import CocoResultWriter, encode_result
 from mirseg.config import InferConfig, check_output_dirs
 from mirseg.data.images import ImageError, opencv_threads, read_image
 from mirseg.data.sources import list_images
 from mirseg.data.transforms import normalize, rescale_size, resize_pair
-from mirseg.dist import pick_device
 from mirseg.errors import ConfigError, Interrupted
 from mirseg.exported import onnx_predictor
 from mirseg.fileio import AtomicFile, write_atomic
-from mirseg.models import build_model
+from mirseg.interrupt import signal_name
 from mirseg.outputs import ImageOutputs, output_names
-from mirseg.predict import Predictor, autocast_dtype, predict_batch, prepare_for_inference
-from mirseg.presets import resolve_preset
+from mirseg.predict import Predictor, autocast_dtype, load_predictor, predict_batch
 
 log = logging.getLogger("mirseg")
-
-
-def _pair(key: str, value: Any) -> tuple[int, int]:
-    """A (a, b) pair of positive ints from a tuple/list, or a ValueError naming ``key``."""
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be two positive integers, got {value!r}") from None
-    if a < 1 or b < 1:
-        raise ConfigError(f"{key} must be two positive integers, got {value!r}")
-    return a, b
-
-
-def load_predictor(
-    checkpoint: str | os.PathLike,
-    device: str | torch.device = "auto",
-    img_scale: tuple[int, int] | None = None,
-    test_mode: str | None = None,
-    slide_crop: tuple[int, int] | None = None,
-    slide_stride: tuple[int, int] | None = None,
-    *,
-    channels_last: bool = True,
-    trust_checkpoint: bool = False,
-) -> Predictor:
-    """The network of a mirseg checkpoint, ready to predict.
-
-    ``None`` for ``img_scale`` (w, h), ``test_mode``, ``slide_crop`` (h, w), ``slide_stride`` (h, w)
-    means the checkpoint's saved config (the preset's test scale and mode, e.g. keep-ratio into
-    2048x1024, whole image; slide with 769x769 windows for the ``_769`` presets).
-    ``trust_checkpoint``: load with full unpickling (see :func:`mirseg.checkpoint.read_checkpoint`).
-    """
-    ckpt = read_checkpoint(checkpoint, trust_checkpoint)
-    if ckpt.get("format") != CHECKPOINT_FORMAT or "arch" not in ckpt or not ckpt.get("class_names"):
-        raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no architecture and class names); "
-                         "use a best.pth / last.pth written by `mirseg train`")
-    arch = str(ckpt["arch"])
-    class_names = [str(n) for n in ckpt["class_names"]]
-    saved = ckpt.get("config") or {}
-    preset = resolve_preset(saved.get("config_file") or arch)
-    img_scale = _pair("img_scale", img_scale or saved.get("img_scale") or preset.img_scale)
-    test_mode = str(test_mode or saved.get("test_mode") or preset.test_mode)
-    if test_mode not in ("whole", "slide"):
-        raise ConfigError(f"test_mode must be 'whole' or 'slide', got {test_mode!r}")
-    slide_crop = _pair("slide_crop", slide_crop or saved.get("slide_crop") or saved.get("crop_size")
-                       or preset.crop_size)
-    slide_stride = _pair("slide_stride", slide_stride or saved.get("slide_stride") or preset.slide_stride)
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-
-    model = build_model(arch, len(class_names))
-    try:
-        model.load_state_dict(extract_state_dict(ckpt, str(checkpoint)))
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint}: the weights do not fit {arch} with {len(class_names)} classes: "
-                              f"{_one_line(str(exc))}") from None
-    model = prepare_for_inference(model.to(dev), channels_last=channels_last)
-    return Predictor(model=model, arch=arch, class_names=class_names,
-                     ignore_blank_area=bool(ckpt.get("ignore_blank_area", False)), img_scale=img_scale,
-                     test_mode=test_mode, slide_crop=slide_crop, slide_stride=slide_stride, device=dev)
 
 
 @dataclass
@@ -200,18 +142,20 @@ def iter_predictions(
 ) -> Iterator[ImagePrediction]:
     """One :class:`ImagePrediction` per path, in input order; unreadable images yield ``error``, never raise.
 
-    ``samples_per_gpu`` images of the same working size go through the network together (others wait
-    in a small look-ahead of ``2 * samples_per_gpu`` images, so memory stays bounded); decoding runs in
-    ``workers_per_gpu`` processes (0: in this one). ``amp``: autocast (see :func:`autocast_dtype`).
+    ``samples_per_gpu`` images of the same working size go through the network together; batches are
+    formed within fixed groups of :func:`group_size` consecutive images (``2 * samples_per_gpu``: the
+    first, the next, ...; an image waits for its batch at most until its group ends, so memory stays
+    bounded), so a batch's members depend on the group alone, never on where the iteration started
+    (:class:`mirseg.dist.Shards` hands whole groups to the processes of a torchrun run). Decoding runs
+    in ``workers_per_gpu`` processes (0: in this one). ``amp``: autocast (see :func:`autocast_dtype`).
     ``flip`` / ``scales`` (ratios of ``img_scale``, e.g. ``(0.75, 1.0, 1.25)``): test-time augmentation,
     probabilities averaged over every view at the working resolution. ``keep_image`` / ``keep_original``
     attach the working-size / decoded image.
 
-    ``stop`` (e.g. a :class:`mirseg.interrupt.StopRequest`) is asked after each image yielded while no
-    image is held back (none decoded and waiting in a partial batch); when it is true the iteration ends
-    there. The images yielded are then exactly the first ones of an uninterrupted run, predicted in the
-    same batches, and the rest of the run is ``iter_predictions(paths[len(yielded):])``: batches only
-    depend on the images from such a point on, so a resumed run predicts bit-identically.
+    ``stop`` (e.g. a :class:`mirseg.interrupt.StopRequest`) is asked at the end of each group, when every
+    image taken is yielded; when it is true the iteration ends there. The images yielded are then whole
+    groups of an uninterrupted run, predicted in the same batches, and the rest of the run is
+    ``iter_predictions(paths[len(yielded):])``, with the same groups: a resumed run predicts bit-identically.
     """
     if samples_per_gpu < 1:
         raise ConfigError(f"samples_per_gpu must be >= 1, got {samples_per_gpu}")
@@ -228,7 +172,7 @@ def iter_predictions(
                                          collate_fn=_identity)
     with opencv_threads(1 if workers_per_gpu > 0 else None):
         loaded = iter(loader)  # forks the workers
-    window = max(2 * samples_per_gpu, 2)
+    group = group_size(samples_per_gpu)
     buckets: dict[tuple, list[_Loaded]] = {}  # working sizes -> loaded items waiting for a batch, in input order
     done: dict[int, ImagePrediction] = {}  # finished, waiting for the earlier ones
     next_out = 0
@@ -248,21 +192,19 @@ def iter_predictions(
             bucket.append(item)
             if len(bucket) >= samples_per_gpu:
                 run(item.key)
-        while True:
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
-            if sum(map(len, buckets.values())) + len(done) <= window:
-                break
-            # Too much held back: run the (partial) batch that holds the oldest image not yet yielded.
-            run(next(k for k, b in buckets.items() if b[0].index == next_out))
-        if stop is not None and not buckets and not done and stop():
-            return  # a clean point: every image taken so far is yielded, none waits in a batch
-    while buckets:
-        run(min(buckets, key=lambda k: buckets[k][0].index))
+        end_of_group = (item.index + 1) % group == 0 or item.index + 1 == len(paths)
+        while end_of_group and buckets:  # the group's partial batches, oldest first: no batch spans two groups
+            run(min(buckets, key=lambda k: buckets[k][0].index))
         while next_out in done:
             yield done.pop(next_out)
             next_out += 1
+        if end_of_group and stop is not None and stop():
+            return  # a clean point: every image taken so far is yielded, none waits in a batch
+
+
+def group_size(samples_per_gpu: int) -> int:
+    """How many consecutive images :func:`iter_predictions` batches among: ``2 * samples_per_gpu``."""
+    return 2 * samples_per_gpu
 
 
 JOURNAL = "resume.jsonl"
@@ -299,15 +241,26 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
     SIGINT / SIGTERM finish the image(s) in flight, keep ``out_dir/resume.jsonl`` (one line per image
     done, see :class:`mirseg.interrupt.Journal`) and raise :class:`~mirseg.errors.Interrupted`; with
     ``cfg.resume`` a rerun skips the images done and writes the same files an uninterrupted run writes.
+
+    Under ``torchrun`` (one process per GPU) the processes share the images in whole groups of
+    :func:`group_size` consecutive images (:class:`mirseg.dist.Shards`; batches are formed within a
+    group, so every image is predicted bit for bit as in one process). Each process writes the files
+    of its images; rank 0 gets every image's record in input order and alone writes predictions.json,
+    images.tsv, classes.txt and the journal: ``out_dir`` ends up byte-identical to one process's (it
+    must be on a disk every process writes to). The journal is one process's too, so a run
+    interrupted under torchrun resumes with any number of processes, and the other way round.
+    Every process returns the same :class:`InferResult`.
     """
     check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
     if not cfg.checkpoint and predictor is None:
         raise ConfigError("checkpoint is empty: give a mirseg checkpoint, e.g. `mirseg infer runs/train/best.pth "
                          "photos/`")
-    if predictor is None and str(cfg.checkpoint).lower().endswith(".onnx"):
+    onnx = predictor is None and str(cfg.checkpoint).lower().endswith(".onnx")
+    rt = dist.setup("cpu" if onnx else cfg.device if predictor is None else predictor.device.type)
+    if onnx:
         predictor = onnx_predictor(cfg.checkpoint, cfg.img_scale, cfg.test_mode, cfg.slide_crop, cfg.slide_stride)
     elif predictor is None:
-        predictor = load_predictor(cfg.checkpoint, cfg.device, cfg.img_scale, cfg.test_mode, cfg.slide_crop,
+        predictor = load_predictor(cfg.checkpoint, rt.device, cfg.img_scale, cfg.test_mode, cfg.slide_crop,
                                    cfg.slide_stride, trust_checkpoint=cfg.trust_checkpoint)
     paths = list_images(cfg.images)
     names = output_names(paths)
@@ -317,67 +270,93 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                            predictor.num_classes, skip)
     outputs.make_dirs()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "classes.txt", "".join(f"{n}\n" for n in predictor.class_names).encode())
-    log.info("inferring %d images with %s (%s, img_scale %s, %s) on %s -> %s", len(paths), cfg.checkpoint,
-             predictor.arch, predictor.img_scale, predictor.test_mode, predictor.device, out_dir)
-
-    coco = (CocoResultWriter(out_dir / "predictions.json", predictor.class_names, predictor.background_index,
-                             list_failed=False) if cfg.save_coco else None)
-    rows = AtomicFile(out_dir / "images.tsv")  # committed into place below
+    if rt.is_main:
+        write_atomic(out_dir / "classes.txt", "".join(f"{n}\n" for n in predictor.class_names).encode())
+        log.info("inferring %d images with %s (%s, img_scale %s, %s) on %s%s -> %s", len(paths), cfg.checkpoint,
+                 predictor.arch, predictor.img_scale, predictor.test_mode, predictor.device,
+                 f" x {rt.world_size} processes" if rt.distributed else "", out_dir)
+    encode = (partial(encode_result, num_classes=predictor.num_classes, background_index=predictor.background_index)
+              if cfg.save_coco else None)
+    # Rank 0 alone writes predictions.json, images.tsv and the journal (None elsewhere).
+    coco: CocoResultWriter | None = None
+    rows: AtomicFile | None = None
+    journal: interrupt.Journal | None = None
     failed: list[tuple[str, str]] = []
-    journal = None
-    try:
+
+    def add(rec: dict[str, Any]) -> None:  # one image's lines, replayed from the journal or merged from a process
+        image_id = coco.add_encoded(rec["image"], rec["anns"]) if coco and rec["image"] is not None else None
+        if rec["error"] is not None:
+            failed.append((rec["path"], rec["error"]))
+        rows.write(_row(image_id, rec["name"], rec["path"], rec["error"]))
+
+    def open_outputs() -> int:
+        nonlocal coco, rows, journal
+        coco = (CocoResultWriter(out_dir / "predictions.json", predictor.class_names, predictor.background_index,
+                                 list_failed=False) if cfg.save_coco else None)
+        rows = AtomicFile(out_dir / "images.tsv")  # committed into place below
         journal = interrupt.Journal.open(out_dir / JOURNAL, "infer", interrupt.job_settings(cfg, paths, cfg.checkpoint),
                                          cfg.resume, f"out_dir {out_dir}")
         rows.write("image_id\tname\tpath\tstatus\n")
-        # Each image's outputs are written, then its journal line: a line on disk means the image is done.
         for rec in journal.records:  # replay what an interrupted run finished (resume=true)
-            image_id = coco.add_encoded(rec["image"], rec["anns"]) if coco and rec["image"] is not None else None
-            if rec["error"] is not None:
-                failed.append((rec["path"], rec["error"]))
-            rows.write(_row(image_id, rec["name"], rec["path"], rec["error"]))
-        start = len(journal.records)
-        if start:
-            log.info("resuming: %d of %d images were done by the interrupted run", start, len(paths))
+            add(rec)
+        if journal.records:
+            log.info("resuming: %d of %d images were done by the interrupted run", len(journal.records), len(paths))
+        return len(journal.records)
+
+    def close_outputs() -> None:
+        rows.commit()
+        if coco:
+            coco.close()
+        journal.finish()
+
+    try:
+        start = dist.broadcast(dist.on_main(open_outputs, rt), rt)
+        shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu), rt)  # this process's images
+        mine = [start + i for i in shards.indices()]
         with interrupt.graceful_stop("the images in flight") as stop:
-            preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+            preds = iter_predictions(predictor, [paths[i] for i in mine], samples_per_gpu=cfg.samples_per_gpu,
                                      workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, flip=cfg.flip,
                                      scales=cfg.scales, keep_original=cfg.save_overlay, stop=lambda: bool(stop))
-            for done, pred in enumerate(preds, start=start + 1):
-                name = names[start + pred.index]
-                entry, anns = None, []
-                if pred.error is not None:
-                    failed.append((pred.path, pred.error))
-                    entry = coco.failed_entry(pred.path) if coco else None
-                else:
-                    label, conf = outputs.write(name, pred.proba, pred.size, pred.original)  # (H, W) each
-                    if coco:
-                        entry, anns = coco.encode(pred.path, label, conf.cpu().numpy())
-                image_id = coco.add_encoded(entry, anns) if entry is not None else None
-                rows.write(_row(image_id, name, pred.path, pred.error))
-                journal.append({"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns})
+            # Each image's outputs are written, then (rank 0) its journal line: a line on disk means the image is done.
+            records = (_write_image(pred, names[mine[pred.index]], outputs, encode) for pred in preds)
+            for rec in shards.merge(records, lambda: stop.signum):  # rank 0: every image, in input order
+                add(rec)
+                journal.append(rec)
                 if progress is not None:
-                    progress(done / len(paths))
-        if stop and len(journal.records) < len(paths):
-            left = len(paths) - len(journal.records)
-            raise Interrupted(f"interrupted by {stop.name} after {len(journal.records)} of {len(paths)} images; "
-                              f"run the same command with resume=true to do the other {left} (out_dir={out_dir})",
-                              stop.signum)
-        rows.commit()
-        coco_json = coco.close() if coco else None
-        journal.finish()
+                    progress(len(journal.records) / len(paths))
+        done = start + shards.done
+        if done < len(paths):
+            raise Interrupted(f"interrupted by {signal_name(shards.signum)} after {done} of {len(paths)} images; run "
+                              f"the same command with resume=true to do the other {len(paths) - done} "
+                              f"(out_dir={out_dir})", shards.signum)
+        dist.on_main(close_outputs, rt)
     except BaseException:
-        rows.abort()
+        if rows:
+            rows.abort()
         if coco:
             coco.abort()
         if journal is not None:
             journal.close()  # kept: resume=true continues from it
         raise
-    if failed:
+    failed = dist.broadcast(failed, rt)
+    if failed and rt.is_main:
         log.warning("%d of %d images could not be read (listed in %s): %s", len(failed), len(paths),
                     out_dir / "images.tsv", "; ".join(p for p, _ in failed[:5]) + (" ..." if len(failed) > 5 else ""))
-    return InferResult(out_dir=out_dir, num_images=len(paths), failed=failed, coco_json=coco_json,
+    return InferResult(out_dir=out_dir, num_images=len(paths), failed=failed,
+                       coco_json=out_dir / "predictions.json" if cfg.save_coco else None,
                        class_names=list(predictor.class_names), index_tsv=out_dir / "images.tsv")
+
+
+def _write_image(pred: ImagePrediction, name: str, outputs: ImageOutputs,
+                 encode: Callable[..., tuple[dict, list]] | None) -> dict[str, Any]:
+    """Write one image's files (in the process that predicted it); its journal record: name, path, error, COCO
+    image entry and annotations (None and [] when it is unreadable or without save_coco)."""
+    entry, anns = None, []
+    if pred.error is None:
+        label, conf = outputs.write(name, pred.proba, pred.size, pred.original)  # (H, W) each
+        if encode is not None:
+            entry, anns = encode(pred.path, label, conf.cpu().numpy())
+    return {"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns}
 
 
 def _row(image_id: int | None, name: str, path: str, error: str | None) -> str:

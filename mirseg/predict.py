@@ -8,8 +8,8 @@ What training's evaluation, ``mirseg eval``, ``mirseg infer``, mining and export
   scales (and mirrored, for test-time augmentation), averaged; under autocast (:func:`autocast_dtype`).
 * :func:`label_map`: the original-size label and confidence from those probabilities.
 * :func:`prepare_for_inference`: eval mode, BatchNorm folded, channels-last; :class:`Predictor`: such a
-  network with the test scale and mode it predicts with (made by :func:`mirseg.infer.load_predictor`
-  from a checkpoint, :func:`mirseg.exported.onnx_predictor` from an ONNX export).
+  network with the test scale and mode it predicts with (made by :func:`load_predictor` from a
+  checkpoint, :func:`mirseg.exported.onnx_predictor` from an ONNX export).
 
 **Original-size results resize probabilities, not logits.** The working-resolution softmax is the
 one tensor that evaluation, inference, mining and the YMIR executor share, and test-time
@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, read_checkpoint
 from mirseg.checkpoint import background_index as background_rule
+from mirseg.dist import pick_device
 from mirseg.errors import ConfigError
+from mirseg.models import build_model
 from mirseg.models._blocks import fuse_conv_bn
+from mirseg.presets import resolve_preset
 
 log = logging.getLogger("mirseg")
 
@@ -233,3 +238,61 @@ def label_map(proba: torch.Tensor, size: tuple[int, int], proba_out: np.ndarray 
             conf = torch.where(better, val, conf)
     assert label is not None and conf is not None
     return label, conf
+
+
+def _pair(key: str, value: Any) -> tuple[int, int]:
+    """A (a, b) pair of positive ints from a tuple/list, or a ValueError naming ``key``."""
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be two positive integers, got {value!r}") from None
+    if a < 1 or b < 1:
+        raise ConfigError(f"{key} must be two positive integers, got {value!r}")
+    return a, b
+
+
+def load_predictor(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "auto",
+    img_scale: tuple[int, int] | None = None,
+    test_mode: str | None = None,
+    slide_crop: tuple[int, int] | None = None,
+    slide_stride: tuple[int, int] | None = None,
+    *,
+    channels_last: bool = True,
+    trust_checkpoint: bool = False,
+) -> Predictor:
+    """The network of a mirseg checkpoint, ready to predict.
+
+    ``None`` for ``img_scale`` (w, h), ``test_mode``, ``slide_crop`` (h, w), ``slide_stride`` (h, w)
+    means the checkpoint's saved config (the preset's test scale and mode, e.g. keep-ratio into
+    2048x1024, whole image; slide with 769x769 windows for the ``_769`` presets).
+    ``trust_checkpoint``: load with full unpickling (see :func:`mirseg.checkpoint.read_checkpoint`).
+    """
+    ckpt = read_checkpoint(checkpoint, trust_checkpoint)
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "arch" not in ckpt or not ckpt.get("class_names"):
+        raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no architecture and class names); "
+                         "use a best.pth / last.pth written by `mirseg train`")
+    arch = str(ckpt["arch"])
+    class_names = [str(n) for n in ckpt["class_names"]]
+    saved = ckpt.get("config") or {}
+    preset = resolve_preset(saved.get("config_file") or arch)
+    img_scale = _pair("img_scale", img_scale or saved.get("img_scale") or preset.img_scale)
+    test_mode = str(test_mode or saved.get("test_mode") or preset.test_mode)
+    if test_mode not in ("whole", "slide"):
+        raise ConfigError(f"test_mode must be 'whole' or 'slide', got {test_mode!r}")
+    slide_crop = _pair("slide_crop", slide_crop or saved.get("slide_crop") or saved.get("crop_size")
+                       or preset.crop_size)
+    slide_stride = _pair("slide_stride", slide_stride or saved.get("slide_stride") or preset.slide_stride)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+
+    model = build_model(arch, len(class_names))
+    try:
+        model.load_state_dict(extract_state_dict(ckpt, str(checkpoint)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: the weights do not fit {arch} with {len(class_names)} classes: "
+                              f"{' '.join(str(exc).split())}") from None
+    model = prepare_for_inference(model.to(dev), channels_last=channels_last)
+    return Predictor(model=model, arch=arch, class_names=class_names,
+                     ignore_blank_area=bool(ckpt.get("ignore_blank_area", False)), img_scale=img_scale,
+                     test_mode=test_mode, slide_crop=slide_crop, slide_stride=slide_stride, device=dev)
