@@ -140,7 +140,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     result = run_inference(_job_config(InferConfig, args))
     failed = f" ({len(result.failed)} failed)" if result.failed else ""
-    print(f"{result.num_images} images -> {result.out_dir}{failed}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        print(f"{result.num_images} images -> {result.out_dir}{failed}")
     return 1 if result.failed and result.num_images == len(result.failed) else 0
 
 
@@ -148,8 +149,9 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     from mirseg.mine import mine
 
     result = mine(_job_config(MineConfig, args))
-    print(f"ranked {len(result.ranking)} images -> {result.tsv}" + (f" ({len(result.failed)} unreadable, ranked last)"
-                                                                  if result.failed else ""))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        print(f"ranked {len(result.ranking)} images -> {result.tsv}"
+              + (f" ({len(result.failed)} unreadable, ranked last)" if result.failed else ""))
     return 0
 
 

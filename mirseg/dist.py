@@ -14,6 +14,7 @@ sharded under torchrun and still produce one process's result:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pickle
@@ -72,7 +73,16 @@ def setup(device: str = "auto") -> Runtime:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # A group still alive when the interpreter ends can abort the process in its C++ destructor
+        # ("terminate called without an active exception", exit -6): jobs that do not tear it down
+        # themselves (infer, mine: a caller may run several in one group) leave it to exit time.
+        atexit.register(_destroy)
     return Runtime(dev, rank, world, local_rank)
+
+
+def _destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -28,6 +28,14 @@ Output files:
   RSAL need every image's) and each mask done, one line each. SIGINT / SIGTERM finish the images
   in flight and stop with exit code 130 / 143; ``resume=true`` then skips what is done and writes
   the same result.tsv and masks an uninterrupted run writes.
+
+Under ``torchrun`` both passes are shared out in whole batch groups (:class:`mirseg.dist.Shards`, as
+``mirseg infer`` does): each process predicts and summarises its candidates, and rank 0 gets every
+summary in the candidates' order, a few groups at a time, never a probability map. Rank 0 alone
+computes the pool-wide scores (RSAL's class weights and threshold over all the summaries) and
+writes result.tsv, masks.tsv, the report and the journal; each process writes the masks and
+overlays of the top images it drew. The files are byte for byte those of one process, and the
+journal is one process's, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -44,13 +52,14 @@ import cv2
 import numpy as np
 import torch
 
-from mirseg import interrupt
+from mirseg import dist, interrupt
 from mirseg.config import MineConfig, check_output_dirs
 from mirseg.data.images import ImageError, read_image, write_image
 from mirseg.data.sources import list_images
 from mirseg.errors import Interrupted
 from mirseg.fileio import write_atomic
-from mirseg.infer import JOURNAL, ImagePrediction, iter_predictions, load_predictor
+from mirseg.infer import JOURNAL, ImagePrediction, group_size, iter_predictions, load_predictor
+from mirseg.interrupt import signal_name
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
 from mirseg.outputs import output_names
@@ -77,11 +86,11 @@ class MineResult:
     masks: list[Path] = field(default_factory=list)  # masks written (save_masks)
 
 
-def _unique(paths: Sequence[str]) -> list[str]:
+def _unique(paths: Sequence[str], warn: bool = True) -> list[str]:
     """The paths without repeats (first occurrence kept): every candidate is ranked once."""
     seen: set[str] = set()
     out = [p for p in paths if not (p in seen or seen.add(p))]
-    if len(out) < len(paths):
+    if warn and len(out) < len(paths):
         log.warning("%d candidate paths are listed more than once; each is ranked once", len(paths) - len(out))
     return out
 
@@ -150,29 +159,36 @@ def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
     they never stop the run. ``progress`` is called with the fraction done, ending at 1.0.
     ``predictor``: an already loaded network to use instead of ``cfg.checkpoint`` (benchmarks and
     active-learning loops mine repeatedly); its img_scale and device then apply.
-    SIGINT / SIGTERM and ``cfg.resume``: see the module docstring.
+    SIGINT / SIGTERM, ``cfg.resume`` and torchrun: see the module docstring.
     """
     miner = get_algorithm(cfg.mining_algorithm)
     params = MiningParams.from_config(cfg)
     check_output_dirs(cfg)  # an out_dir that is a file fails before the model is loaded
-    paths = _unique(list_images(cfg.images))
+    rt = dist.setup(cfg.device if predictor is None else predictor.device.type)
+    paths = _unique(list_images(cfg.images), warn=rt.is_main)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = interrupt.job_settings(cfg, paths, cfg.checkpoint if miner.uses_model else None)
-    with (interrupt.graceful_stop("the images in flight") as stop,
-          interrupt.Journal.open(out_dir / JOURNAL, "mine", settings, cfg.resume, f"out_dir {out_dir}") as journal):
-        result = _mine(cfg, miner, params, paths, out_dir, progress, predictor, stop, journal)
-        journal.finish()
+    with interrupt.graceful_stop("the images in flight") as stop:
+        journal = dist.on_main(lambda: interrupt.Journal.open(out_dir / JOURNAL, "mine", settings, cfg.resume,
+                                                              f"out_dir {out_dir}"), rt)  # rank 0 alone journals
+        try:
+            result = _mine(cfg, miner, params, paths, out_dir, progress, predictor, stop, journal, rt)
+            dist.on_main(lambda: journal.finish(), rt)
+        finally:
+            if journal is not None:
+                journal.close()  # kept unless finish() ran: an interrupted or failed run resumes from it
     return result
 
 
 def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str], out_dir: Path,
           progress: Callable[[float], None] | None, predictor: Predictor | None, stop: interrupt.StopRequest,
-          journal: interrupt.Journal) -> MineResult:
+          journal: interrupt.Journal | None, rt: dist.Runtime) -> MineResult:
     report = progress or (lambda _: None)
     save_masks = cfg.save_masks or cfg.report  # the report shows the masks' overlays
     share = 0.9 if save_masks and miner.regions is not None else 1.0  # of the progress bar for pass 1
 
+    # Rank 0 holds every candidate's summary (a few KB each) and writes the files the pool decides.
     failed: list[tuple[str, str]] = []
     ok: list[str] = []
     summaries: list = []
@@ -187,71 +203,86 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
             journal.append({"kind": "image", "path": path, "error": error, "summary": encode_summary(summary)})
 
     # Replay what an interrupted run finished (resume=true): pass-1 summaries, then masks written.
-    for rec in journal.records:
+    for rec in journal.records if journal else ():
         if rec["kind"] == "image":
             add(rec["path"], rec["error"], decode_summary(rec["summary"]), replay=True)
-    start = len(ok) + len(failed)
-    if start:
+    start = dist.broadcast(len(ok) + len(failed), rt)
+    if start and rt.is_main:
         log.info("resuming: %d of %d candidates were done by the interrupted run", start, len(paths))
     num_classes = 0
     amp = False
     if miner.uses_model:
         if predictor is None:
-            predictor = load_predictor(cfg.checkpoint, cfg.device, img_scale=cfg.img_scale,
+            predictor = load_predictor(cfg.checkpoint, rt.device, img_scale=cfg.img_scale,
                                        trust_checkpoint=cfg.trust_checkpoint)
         num_classes = predictor.num_classes
         amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
-        log.info("mining %d images with %s on %s at img_scale %s%s", len(paths), miner.name, predictor.device,
-                 predictor.img_scale, " (autocast)" if amp else "")
-        preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
-                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image,
-                                 stop=lambda: bool(stop))
-        for done, pred in enumerate(preds, start=start + 1):
-            assert miner.summarize is not None
-            add(pred.path, pred.error, None if pred.error else miner.summarize(pred.proba, pred.image, params))
-            report(share * done / len(paths))
-    else:
-        # No forward pass (random), but each candidate is still decoded so unreadable ones are reported alike.
-        log.info("mining %d images with %s (no model needed)", len(paths), miner.name)
-        for done, path in enumerate(paths[start:], start=start + 1):
-            if stop:
-                break
-            try:
-                read_image(path)
-                add(path, None)
-            except ImageError as exc:
-                add(path, str(exc))
-            report(share * done / len(paths))
-    if stop and len(ok) + len(failed) < len(paths):
-        left = len(paths) - len(ok) - len(failed)
-        raise Interrupted(f"interrupted by {stop.name} after {len(paths) - left} of {len(paths)} candidates; run the "
-                          f"same command with resume=true to do the other {left} (out_dir={out_dir})", stop.signum)
+    if rt.is_main:
+        where = f"on {predictor.device} at img_scale {predictor.img_scale}" if predictor else "(no model needed)"
+        log.info("mining %d images with %s %s%s%s", len(paths), miner.name, where, " (autocast)" if amp else "",
+                 f" x {rt.world_size} processes" if rt.distributed else "")
+    # Each process summarises its share of the candidates (whole batch groups), rank 0 merges them in order.
+    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if predictor else 1, rt)
+    local = _summaries(miner, params, predictor, cfg, amp, [paths[start + i] for i in shards.indices()], stop)
+    for path, error, summary in shards.merge(local, lambda: stop.signum):
+        add(path, error, summary)
+        report(share * (len(ok) + len(failed)) / len(paths))
+    if start + shards.done < len(paths):
+        left = len(paths) - start - shards.done
+        raise Interrupted(f"interrupted by {signal_name(shards.signum)} after {len(paths) - left} of {len(paths)} "
+                          f"candidates; run the same command with resume=true to do the other {left} "
+                          f"(out_dir={out_dir})", shards.signum)
 
-    ranking, chosen, order, scores = _score_pool(miner, cfg, params, summaries, ok, num_classes)
-    failed.sort()  # order-independent output: the unreadable ones by path
-    ranking += [(path, FAILED_SCORE) for path, _ in failed]
-    tsv = out_dir / "result.tsv"
-    write_atomic(tsv, "".join(f"{path}\t{score:.9g}\n" for path, score in ranking).encode())
-    if failed:
-        log.warning("%d of %d candidates could not be read and are ranked last with score %g: %s", len(failed),
-                    len(paths), FAILED_SCORE, "; ".join(f"{p}: {e}" for p, e in failed[:5])
-                    + (" ..." if len(failed) > 5 else ""))
+    def score() -> tuple[list[tuple[str, float]], list, list[int], np.ndarray]:  # on rank 0: the pool-wide step
+        ranking, chosen, order, scores = _score_pool(miner, cfg, params, summaries, ok, num_classes)
+        failed.sort()  # order-independent output: the unreadable ones by path
+        ranking += [(path, FAILED_SCORE) for path, _ in failed]
+        write_atomic(out_dir / "result.tsv", "".join(f"{path}\t{score:.9g}\n" for path, score in ranking).encode())
+        if failed:
+            log.warning("%d of %d candidates could not be read and are ranked last with score %g: %s", len(failed),
+                        len(paths), FAILED_SCORE, "; ".join(f"{p}: {e}" for p, e in failed[:5])
+                        + (" ..." if len(failed) > 5 else ""))
+        return ranking, chosen, order, scores
 
+    ranking, chosen, order, scores = dist.on_main(score, rt) or ([], [], [], np.zeros(0))
     masks: list[Path] = []
     saved: list[dict] = []
-    if save_masks:
-        if miner.regions is None:
+    if save_masks and miner.regions is None:
+        if rt.is_main:
             log.info("%s chooses no regions: no masks written", miner.name)
-        else:
-            top = order[:min(cfg.max_kept_mining_image, cfg.max_saved_masks, len(order))]
-            masks, saved = _save_masks(miner, params, predictor, cfg, amp, [ok[i] for i in top],
-                                       [chosen[i] for i in top], out_dir, lambda f: report(share + (1 - share) * f),
-                                       stop, journal)
+    elif save_masks:
+        top = order[:min(cfg.max_kept_mining_image, cfg.max_saved_masks, len(order))]
+        top_paths, top_chosen = dist.broadcast(([ok[i] for i in top], [chosen[i] for i in top]), rt)
+        masks, saved = _save_masks(miner, params, predictor, cfg, amp, top_paths, top_chosen, out_dir,
+                                   lambda f: report(share + (1 - share) * f), stop, journal, rt)
     if cfg.report:
-        _write_report(cfg, miner, predictor, out_dir, ranking, dict(zip(ok, scores.tolist())), saved, len(failed))
+        dist.on_main(lambda: _write_report(cfg, miner, predictor, out_dir, ranking, dict(zip(ok, scores.tolist())),
+                                           saved, len(failed)), rt)
     report(1.0)
-    log.info("ranked %d candidates -> %s", len(ranking), tsv)
-    return MineResult(ranking, tsv, failed, masks)
+    ranking, failed, masks = dist.broadcast((ranking, failed, masks), rt)  # every process returns the same result
+    if rt.is_main:
+        log.info("ranked %d candidates -> %s", len(ranking), out_dir / "result.tsv")
+    return MineResult(ranking, out_dir / "result.tsv", failed, masks)
+
+
+def _summaries(miner: Miner, params: MiningParams, predictor: Predictor | None, cfg: MineConfig, amp: bool,
+               paths: list[str], stop: interrupt.StopRequest) -> Iterator[tuple[str, str | None, Any]]:
+    """``(path, error, summary)`` of each of ``paths`` (this process's share), in order."""
+    if predictor is None:  # no forward pass (random), but each candidate is decoded: unreadable ones are reported alike
+        for path in paths:
+            if stop:
+                return
+            try:
+                read_image(path)
+                yield path, None, None
+            except ImageError as exc:
+                yield path, str(exc), None
+        return
+    assert miner.summarize is not None
+    for pred in iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image,
+                                 stop=lambda: bool(stop)):
+        yield pred.path, pred.error, None if pred.error else miner.summarize(pred.proba, pred.image, params)
 
 
 def _originals(paths: list[str], stop: interrupt.StopRequest) -> Iterator[ImagePrediction]:
@@ -277,52 +308,62 @@ def _class_shares(proba: torch.Tensor | None) -> list[float] | None:
 
 def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None, cfg: MineConfig, amp: bool,
                 paths: list[str], chosen: list, out_dir: Path, report: Callable[[float], None],
-                stop: interrupt.StopRequest, journal: interrupt.Journal) -> tuple[list[Path], list[dict]]:
+                stop: interrupt.StopRequest, journal: interrupt.Journal | None,
+                rt: dist.Runtime) -> tuple[list[Path], list[dict]]:
     """Second pass over the top images only: recompute their regions, write mask PNGs and overlay JPEGs
     (and thumbnails for the report). Returns the masks written and one record per image that got one.
 
     Each image's mask is journalled once written; a resumed run starts after the last one journalled.
+    Under torchrun each process draws its share of the images, rank 0 journals them and writes masks.tsv.
     """
     assert miner.regions is not None
     names = output_names(paths)
-    done_before = [rec for rec in journal.records if rec["kind"] == "mask"]
+    done_before = [rec for rec in journal.records if rec["kind"] == "mask"] if journal else []
     saved: list[dict] = [rec for rec in done_before if rec["mask"]]
-    start = len(done_before)
+    start = dist.broadcast(len(done_before), rt)
+    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if predictor else 1, rt)
+    mine = [start + i for i in shards.indices()]
     if predictor is None:  # random: no model, its regions are cut from the original image
-        preds: Iterable[ImagePrediction] = _originals(paths[start:], stop)
+        preds: Iterable[ImagePrediction] = _originals([paths[i] for i in mine], stop)
     else:
-        preds = iter_predictions(predictor, paths[start:], samples_per_gpu=cfg.samples_per_gpu,
+        preds = iter_predictions(predictor, [paths[i] for i in mine], samples_per_gpu=cfg.samples_per_gpu,
                                  workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True,
                                  stop=lambda: bool(stop))
-    for done, pred in enumerate(preds, start=start + 1):
-        if pred.error is not None:  # readable in pass 1, gone now
-            log.warning("no mask for %s: %s", pred.path, pred.error)
-            journal.append({"kind": "mask", "path": pred.path, "mask": None, "line": None})
-            continue
-        i = start + pred.index
-        regions = miner.regions(pred.proba, pred.image, chosen[i], params)  # (h, w) int32 working size
-        h, w = pred.size
-        regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
-        name = names[i]
-        mask, overlay, thumb = f"masks/{name}.png", f"overlays/{name}.jpg", f"thumbs/{name}.jpg"
-        write_image(out_dir / mask, np.where(regions > 0, 255, 0).astype(np.uint8))
-        picture = draw_regions(pred.original, regions)
-        write_image(out_dir / overlay, picture)
-        if cfg.report:
-            write_image(out_dir / thumb, thumbnail(picture))
-        labelled = round(float(np.count_nonzero(regions)) / regions.size, 6)  # the masked share at the original size
-        saved.append({"kind": "mask", "path": pred.path, "mask": mask, "overlay": overlay, "thumb": thumb,
-                      "share": labelled, "classes": _class_shares(pred.proba),
-                      "line": f"{pred.path}\t{mask}\t{overlay}\t{labelled:.6f}\n"})
-        journal.append(saved[-1])
+    records = (_draw_mask(miner, params, cfg, pred, names[mine[pred.index]], chosen[mine[pred.index]], out_dir)
+               for pred in preds)
+    for done, rec in enumerate(shards.merge(records, lambda: stop.signum), start=start + 1):
+        journal.append(rec)
+        if rec["mask"]:
+            saved.append(rec)
         report(done / len(paths))
-    done = len([rec for rec in journal.records if rec["kind"] == "mask"])
-    if stop and done < len(paths):
-        raise Interrupted(f"interrupted by {stop.name} after the masks of {done} of {len(paths)} images (result.tsv "
-                          f"is complete); run the same command with resume=true to save the other {len(paths) - done} "
-                          f"(out_dir={out_dir})", stop.signum)
-    write_atomic(out_dir / "masks.tsv", "".join(rec["line"] for rec in saved).encode())
-    return [out_dir / rec["mask"] for rec in saved], saved
+    done = start + shards.done
+    if done < len(paths):
+        raise Interrupted(f"interrupted by {signal_name(shards.signum)} after the masks of {done} of {len(paths)} "
+                          f"images (result.tsv is complete); run the same command with resume=true to save the other "
+                          f"{len(paths) - done} (out_dir={out_dir})", shards.signum)
+    dist.on_main(lambda: write_atomic(out_dir / "masks.tsv", "".join(rec["line"] for rec in saved).encode()), rt)
+    return [out_dir / rec["mask"] for rec in saved], saved  # rank 0's (the others have none)
+
+
+def _draw_mask(miner: Miner, params: MiningParams, cfg: MineConfig, pred: ImagePrediction, name: str, chosen: Any,
+               out_dir: Path) -> dict[str, Any]:
+    """Write one image's mask, overlay (and thumbnail); its journal record (``mask`` None: unreadable now)."""
+    if pred.error is not None:  # readable in pass 1, gone now
+        log.warning("no mask for %s: %s", pred.path, pred.error)
+        return {"kind": "mask", "path": pred.path, "mask": None, "line": None}
+    assert miner.regions is not None
+    regions = miner.regions(pred.proba, pred.image, chosen, params)  # (h, w) int32 working size
+    h, w = pred.size
+    regions = cv2.resize(regions, (w, h), interpolation=cv2.INTER_NEAREST)  # (H, W) original size
+    mask, overlay, thumb = f"masks/{name}.png", f"overlays/{name}.jpg", f"thumbs/{name}.jpg"
+    write_image(out_dir / mask, np.where(regions > 0, 255, 0).astype(np.uint8))
+    picture = draw_regions(pred.original, regions)
+    write_image(out_dir / overlay, picture)
+    if cfg.report:
+        write_image(out_dir / thumb, thumbnail(picture))
+    labelled = round(float(np.count_nonzero(regions)) / regions.size, 6)  # the masked share at the original size
+    return {"kind": "mask", "path": pred.path, "mask": mask, "overlay": overlay, "thumb": thumb, "share": labelled,
+            "classes": _class_shares(pred.proba), "line": f"{pred.path}\t{mask}\t{overlay}\t{labelled:.6f}\n"}
 
 
 def _write_report(cfg: MineConfig, miner: Miner, predictor: Predictor | None, out_dir: Path,

@@ -592,8 +592,11 @@ def test_mine_result_does_not_depend_on_the_candidate_order(trained_fastscnn, po
     shuffled = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))]
     (tmp_path / "a.txt").write_text("\n".join(paths) + "\n")
     (tmp_path / "b.txt").write_text("\n".join(shuffled) + "\n")
-    a = _mine(trained_fastscnn[0], tmp_path / "a.txt", tmp_path / "a", max_superpixel_per_image=96)
-    b = _mine(trained_fastscnn[0], tmp_path / "b.txt", tmp_path / "b", max_superpixel_per_image=96)
+    # One image per forward pass: another order puts an image into a batch of another size (the unreadable
+    # ones leave gaps in the batch groups), and oneDNN's kernels for one image and for several differ in the
+    # last bits (~1e-7). What is checked here is that the pool's scoring and ranking are order-free.
+    a = _mine(trained_fastscnn[0], tmp_path / "a.txt", tmp_path / "a", max_superpixel_per_image=96, samples_per_gpu=1)
+    b = _mine(trained_fastscnn[0], tmp_path / "b.txt", tmp_path / "b", max_superpixel_per_image=96, samples_per_gpu=1)
     assert a.ranking == b.ranking
     assert (tmp_path / "a" / "result.tsv").read_text() == (tmp_path / "b" / "result.tsv").read_text()
 
