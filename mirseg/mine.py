@@ -217,13 +217,14 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
                                        trust_checkpoint=cfg.trust_checkpoint)
         num_classes = predictor.num_classes
         amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
+    model = predictor if miner.uses_model else None  # pass 1 of random only decodes
     if rt.is_main:
-        where = f"on {predictor.device} at img_scale {predictor.img_scale}" if predictor else "(no model needed)"
+        where = "(no model needed)" if model is None else f"on {model.device} at img_scale {model.img_scale}"
         log.info("mining %d images with %s %s%s%s", len(paths), miner.name, where, " (autocast)" if amp else "",
                  f" x {rt.world_size} processes" if rt.distributed else "")
     # Each process summarises its share of the candidates (whole batch groups), rank 0 merges them in order.
-    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if predictor else 1, rt)
-    local = _summaries(miner, params, predictor, cfg, amp, [paths[start + i] for i in shards.indices()], stop)
+    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if model is not None else 1, rt)
+    local = _summaries(miner, params, model, cfg, amp, [paths[start + i] for i in shards.indices()], stop)
     for path, error, summary in shards.merge(local, lambda: stop.signum):
         add(path, error, summary)
         report(share * (len(ok) + len(failed)) / len(paths))
@@ -321,7 +322,7 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None,
     done_before = [rec for rec in journal.records if rec["kind"] == "mask"] if journal else []
     saved: list[dict] = [rec for rec in done_before if rec["mask"]]
     start = dist.broadcast(len(done_before), rt)
-    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if predictor else 1, rt)
+    shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu) if predictor is not None else 1, rt)
     mine = [start + i for i in shards.indices()]
     if predictor is None:  # random: no model, its regions are cut from the original image
         preds: Iterable[ImagePrediction] = _originals([paths[i] for i in mine], stop)
