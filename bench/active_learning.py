@@ -140,8 +140,9 @@ def _one_thread() -> None:
 
 
 def simulate(data: Dataset, algorithms: list[str], seeds: list[int], rounds: int, initial: int, batch: int,
-             iters: int, work: Path, jobs: int, full: bool) -> list[dict]:
-    """Round 0 (and the full-pool run) per seed, then every (seed, algorithm) arm, ``jobs`` at a time."""
+             iters: int, work: Path, jobs: int, full: bool) -> tuple[list[dict], dict[int, Path]]:
+    """Round 0 (and the full-pool run) per seed, then every (seed, algorithm) arm, ``jobs`` at a time.
+    Returns the rows and the full-pool best checkpoint per seed."""
     starts = {s: sorted(np.random.default_rng(s).choice(data.pool, size=initial, replace=False).tolist())
               for s in seeds}
     rows: list[dict] = []
@@ -156,14 +157,15 @@ def simulate(data: Dataset, algorithms: list[str], seeds: list[int], rounds: int
             rows += [dict(dataset=data.name, algorithm=a, seed=s, round=0, labelled=initial, mIoU=round(miou0, 4))
                      for a in algorithms]
             arms += [ex.submit(arm, data, a, s, starts[s], ckpt0, rounds, batch, iters, work) for a in algorithms]
+        full_models = {}
         for s, f in whole.items():
-            miou = f.result()[1]
+            full_models[s], miou = f.result()
             print(f"seed {s} full pool: {len(data.pool)} labelled, mIoU {miou:.4f}", flush=True)
             rows.append(dict(dataset=data.name, algorithm="full pool", seed=s, round="full",
                              labelled=len(data.pool), mIoU=round(miou, 4)))
         for f in arms:
             rows += f.result()
-    return rows
+    return rows, full_models
 
 
 def curves_of(rows: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
@@ -310,9 +312,11 @@ def main() -> None:
               f"seeds {seeds}; {initial} + {rounds} x {batch} images, {iters} iterations of batch "
               f"{data.train_overrides['samples_per_gpu']} per round; {args.jobs} one-thread jobs", flush=True)
         t_start = time.perf_counter()
-        rows = simulate(data, algorithms, seeds, rounds, initial, batch, iters, tmp / "work", args.jobs,
-                        full=not args.no_full)
-    out.mkdir(parents=True, exist_ok=True)
+        rows, full_models = simulate(data, algorithms, seeds, rounds, initial, batch, iters, tmp / "work",
+                                     args.jobs, full=not args.no_full)
+        out.mkdir(parents=True, exist_ok=True)
+        if full_models:  # kept for bench/mine.py's score quality: a model of the whole pool, at this budget
+            write_atomic(out / "full_pool_model.pth", full_models[seeds[0]].read_bytes())
     rows.sort(key=lambda r: (r["algorithm"], r["seed"], -1 if r["round"] == "full" else r["round"]))
     with AtomicFile(out / "results.csv") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
@@ -326,7 +330,8 @@ def main() -> None:
          f"{data.name}{size}: FastSCNN, {iters} it per round, mean +/- std of {len(seeds)} seed(s)",
          float(np.mean(full)) if full else None)
     print(f"\nval mIoU, mean ± std over seeds {seeds}\n{text}")
-    print(f"\nwrote {out / 'results.csv'}, {out / 'table.md'} and {out / 'learning_curve.png'} "
+    print(f"\nwrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'learning_curve.png'} and the seed "
+          f"{seeds[0]} full-pool model {out / 'full_pool_model.pth'} "
           f"({(time.perf_counter() - t_start) / 60:.1f} min; load average now "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())})")
 
