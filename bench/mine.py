@@ -190,7 +190,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _scale(text: str) -> tuple[int, int]:
-    w, h = _size(text)  # the same two numbers, in img_scale's (w, h) order
+    """``WxH`` as img_scale's (w, h)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 240x180, got {text!r}") from None
     return w, h
 
 

@@ -158,8 +158,8 @@ def score_quality(checkpoint: str | Path, images: str | Path, labels: str | Path
     write_atomic(listing, "".join(f"{s.image_path}\n" for s in samples))
     base = dict(checkpoint=str(checkpoint), images=str(listing), samples_per_gpu=samples_per_gpu,
                 workers_per_gpu=workers_per_gpu, device=str(predictor.device))
-    cfg = build_config(MineConfig, {**base, "out_dir": str(out / "errors")})
-    amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16  # as mine() decides
+    cfg = build_config(MineConfig, {**base, "out_dir": str(out)})
+    amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16  # autocast as mine() decides it
     errors = image_errors(predictor, samples, samples_per_gpu=samples_per_gpu, workers_per_gpu=workers_per_gpu,
                           amp=amp)
     by_path = {e.path: e for e in errors}
