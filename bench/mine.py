@@ -165,12 +165,14 @@ def child(ckpt: str, images: str, out_dir: str) -> None:
 def quality(args: argparse.Namespace, out: Path) -> None:
     """The score-quality table (module docstring) for ``args.checkpoint`` on ``args.images`` + ``args.labels``."""
     arms = default_arms(args.algorithms, args.ripu_scores)
-    scale = f"img_scale {args.img_scale[0]}x{args.img_scale[1]}" if args.img_scale else "the checkpoint's img_scale"
-    print(f"## score quality: {args.checkpoint} on {args.images} (labels {args.labels}), {scale}, "
-          f"batch {args.batch}, {args.workers} loader workers, device {args.device}")
+    predictor = load_predictor(args.checkpoint, args.device, img_scale=args.img_scale)
+    w, h = predictor.img_scale
+    print(f"## score quality: {args.checkpoint} ({predictor.arch}, classes {', '.join(predictor.class_names)}) on "
+          f"{args.images} (labels {args.labels}, values = those class indices), img_scale {w}x{h}, batch "
+          f"{args.batch}, {args.workers} loader workers, {predictor.device}")
     t0 = time.perf_counter()
-    errors, rows = score_quality(args.checkpoint, args.images, args.labels, out, arms, img_scale=args.img_scale,
-                                 device=args.device, samples_per_gpu=args.batch, workers_per_gpu=args.workers)
+    errors, rows = score_quality(args.checkpoint, args.images, args.labels, out, arms, samples_per_gpu=args.batch,
+                                 workers_per_gpu=args.workers, predictor=predictor)
     pixel = np.array([e.pixel_error for e in errors])
     print(f"{len(errors)} images; pixel error mean {np.nanmean(pixel):.3f} (min {np.nanmin(pixel):.3f}, max "
           f"{np.nanmax(pixel):.3f}); mIoU error mean {np.nanmean([e.miou_error for e in errors]):.3f}; "

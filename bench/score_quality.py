@@ -143,16 +143,18 @@ def image_errors(predictor: Predictor, samples: Sequence[Sample], *, samples_per
 
 def score_quality(checkpoint: str | Path, images: str | Path, labels: str | Path, out_dir: str | Path,
                   arms: Sequence[Arm] | None = None, *, img_scale: tuple[int, int] | None = None,
-                  device: str = "auto", samples_per_gpu: int = 2,
-                  workers_per_gpu: int = 2) -> tuple[list[RealError], list[Quality]]:
+                  device: str = "auto", samples_per_gpu: int = 2, workers_per_gpu: int = 2,
+                  predictor: Predictor | None = None) -> tuple[list[RealError], list[Quality]]:
     """The real per-image errors of ``checkpoint`` on the images of ``images`` that have a label PNG (same
     stem) in ``labels``, and each arm's :class:`Quality` (default: every algorithm at its defaults).
 
-    ``img_scale`` (w, h): the working size instead of the checkpoint's. ``out_dir`` receives
-    ``images.txt`` (the list mined) and one ``<algorithm>[-<n>]/`` folder of mining outputs per arm.
+    ``img_scale`` (w, h): the working size instead of the checkpoint's. ``predictor``: ``checkpoint``
+    already loaded (then ``img_scale`` and ``device`` are its own). ``out_dir`` receives ``images.txt``
+    (the list mined) and one ``<algorithm>-<n>/`` folder of mining outputs per arm.
     """
     out = Path(out_dir)
-    predictor = load_predictor(checkpoint, device, img_scale=img_scale)
+    if predictor is None:
+        predictor = load_predictor(checkpoint, device, img_scale=img_scale)
     samples = load_label_folder(images, labels, predictor.num_classes)
     listing = out / "images.txt"
     write_atomic(listing, "".join(f"{s.image_path}\n" for s in samples))
