@@ -186,9 +186,10 @@ class MineConfig:
     max_superpixel_per_image: int = 1024  # rsal: superpixels per image, at most
     superpixel_cell: int = 8  # rsal: superpixels run on a copy shrunk until one is ~cell x cell px (0: full size)
     max_kept_mining_image: int = 5000  # images the pool-wide threshold aims at; masks are saved for these
-    topk_superpixel_score: int = 3  # rsal: best superpixels that make an image's score
+    topk_superpixel_score: int = 3  # rsal (and ripu_image_score=topk): best regions that make an image's score
     class_balance: bool = True  # rsal: weight superpixels by exp(-share of their dominant class)
     ripu_region_radius: int = 1  # ripu: regions are (2r+1)x(2r+1) windows
+    ripu_image_score: str = "mean"  # ripu: mean window score; budget: mean of the best region_budget; topk: k best
     reduction: str = "mean"  # baselines: image score = mean, max, sum or topk (mean of the top topk_percent)
     topk_percent: float = 10.0  # baselines with reduction topk: the share of pixels averaged
     sampling: Literal["top", "power"] = "top"  # top: sort by score; power: draw max_kept_mining_image by score^beta
