@@ -135,6 +135,7 @@ def arm(data: Dataset, algorithm: str, seed: int, start: list[str], ckpt0: Path,
 
 def _one_thread() -> None:
     """Each job keeps to one torch thread: --jobs of them share the cores without OpenMP contention."""
+    os.environ["MIRSEG_THREADS"] = "1"  # the jobs' thread budget (mirseg.threads) would otherwise give them more
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 

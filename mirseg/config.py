@@ -58,6 +58,7 @@ class TrainConfig:
     # -- schedule (the original image's names and defaults)
     samples_per_gpu: int = 2  # batch per process
     workers_per_gpu: int = 2  # data-loading worker processes per process
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     max_iters: int = 20000  # training iterations; the poly schedule decays over them
     interval: int = 2000  # evaluate and checkpoint every this many iterations
     save_least_file: bool = True  # keep only the best and last checkpoints
@@ -91,7 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self, ("samples_per_gpu", "max_iters", "interval", "log_interval"),
-                      ("workers_per_gpu", "warmup_iters"))
+                      ("workers_per_gpu", "warmup_iters", "threads"))
         _check_sizes(self, ("crop_size", "img_scale", "slide_crop", "slide_stride"))
         if self.max_keep_ckpts < -1 or self.max_keep_ckpts == 0:
             raise ConfigError(f"max_keep_ckpts must be -1 (all) or >= 1, got {self.max_keep_ckpts}")
@@ -149,6 +150,7 @@ class InferConfig:
     out_dir: str = "runs/infer"  # where the outputs go
     samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
     workers_per_gpu: int = 2  # image-decoding worker processes
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = False  # autocast: fp16 on CUDA, bf16 on CPU; softmax stays fp32
     img_scale: tuple[int, int] | None = None  # (w, h) keep-ratio test scale; default: the checkpoint's
@@ -165,7 +167,7 @@ class InferConfig:
     resume: bool = False  # continue the interrupted run in out_dir, skipping its finished images; false: start over
 
     def __post_init__(self) -> None:
-        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu",))
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "threads"))
         _check_sizes(self, ("img_scale", "slide_crop", "slide_stride"))
         if not all(s > 0 for s in self.scales):
             raise ConfigError(f"scales must be positive ratios of img_scale, e.g. [0.75, 1.0, 1.25], "
@@ -196,6 +198,7 @@ class MineConfig:
     power_beta: float = 1.0  # sampling power: the exponent (larger: closer to plain top-N)
     samples_per_gpu: int = 2  # images per forward pass
     workers_per_gpu: int = 2  # image-decoding worker processes
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)
     bf16: bool = False  # autocast bf16 on CPU
     img_scale: tuple[int, int] | None = None  # (w, h) working resolution; default: the checkpoint's test scale
@@ -209,7 +212,7 @@ class MineConfig:
 
     def __post_init__(self) -> None:
         # The algorithm knobs are checked by mirseg.mining.MiningParams, which mine() builds before any work.
-        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "max_saved_masks"))
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "max_saved_masks", "threads"))
         _check_sizes(self, ("img_scale",))
         if not self.power_beta >= 0:
             raise ConfigError(f"power_beta must be >= 0, got {self.power_beta}")

@@ -44,6 +44,7 @@ from mirseg.models import build_model
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.predict import Predictor, autocast_dtype, predict_batch, prepare_for_inference
 from mirseg.presets import resolve_preset
+from mirseg.threads import budgeted
 
 log = logging.getLogger("mirseg")
 
@@ -281,6 +282,7 @@ class InferResult:
     index_tsv: Path | None = None  # images.tsv: coco image id, output name, input path, status
 
 
+@budgeted
 def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = None, *,
                   predictor: Predictor | None = None) -> InferResult:
     """``mirseg infer``: predict every image of ``cfg.images`` and write the outputs ``cfg`` asks for.

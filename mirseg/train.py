@@ -43,6 +43,7 @@ from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileErro
 from mirseg.evaluate import evaluate, log_predictions, print_table
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.models import build_model
+from mirseg.threads import budgeted
 from mirseg.train_state import TrainState, rank_rng_states
 
 log = logging.getLogger("mirseg")
@@ -113,6 +114,7 @@ class _Run:
 # The run: the set-up in named steps, then the loop
 
 
+@budgeted
 def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on the configured data; returns where the best and last checkpoints are.
 
