@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,16 @@ def test_checkpoint_rotation(shapes, tmp_path):
 
 
 def test_nan_loss_stops_with_the_iteration(shapes, tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"at iteration \d+"):
+    """The losses are read every log_interval (10 here), not every step: the error names the first bad iteration
+    and the iterations read with it, and nothing is saved."""
+    with pytest.raises(TrainingDiverged, match=r"at iteration \d+") as info:
         train(_cfg(shapes, tmp_path, max_iters=50, interval=50, lr=1e12, samples_per_gpu=2))
+    found = re.search(r"loss is (\S+) at iteration (\d+) \(found reading iterations (\d+)-(\d+)\); lower lr",
+                      str(info.value))
+    assert found, str(info.value)
+    value, bad, first, last = found[1], *map(int, found.groups()[1:])
+    assert value in ("nan", "inf", "-inf") and first <= bad <= last and (first - 1) % 10 == 0 and last % 10 == 0
+    assert not (tmp_path / "last.pth").exists()
 
 
 def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
@@ -198,11 +207,11 @@ def test_segmentation_loss_ignores_255_and_weights_the_aux_heads_and_classes():
     mean = {name: sum(v for _, v in _nll(t, labels)) / 29 for name, t in
             (("decode", decode), ("aux0", aux0), ("aux1", aux1))}
     total, parts = segmentation_loss({"out": decode, "aux": [aux0, aux1]}, labels, (0.4, 0.25))
-    assert parts["decode"] == pytest.approx(mean["decode"], rel=1e-5)
-    assert parts["aux0"] == pytest.approx(mean["aux0"], rel=1e-5)
-    assert parts["aux1"] == pytest.approx(mean["aux1"], rel=1e-5)
+    assert float(parts["decode"]) == pytest.approx(mean["decode"], rel=1e-5)
+    assert float(parts["aux0"]) == pytest.approx(mean["aux0"], rel=1e-5)
+    assert float(parts["aux1"]) == pytest.approx(mean["aux1"], rel=1e-5)
     want = mean["decode"] + 0.4 * mean["aux0"] + 0.25 * mean["aux1"]
-    assert float(total) == pytest.approx(want, rel=1e-5) and parts["total"] == pytest.approx(want, rel=1e-5)
+    assert float(total) == pytest.approx(want, rel=1e-5) and float(parts["total"]) == pytest.approx(want, rel=1e-5)
     # An ignored pixel has no effect whatever its logits; no aux heads in eval mode: the decode head alone.
     changed = decode.clone()
     changed[0, :, :2] = 1000.0
