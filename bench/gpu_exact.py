@@ -94,10 +94,14 @@ def _curve(work: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars("loss/total")]
 
 
-def resume_curves(shapes: Shapes, work: Path, device: torch.device) -> tuple[list[tuple[int, float]], ...]:
-    """The (iteration, loss) curves of 20 iterations run through, and stopped by SIGTERM at 10 and resumed."""
+def resume_curves(shapes: Shapes, work: Path, device: torch.device,
+                  again: bool = False) -> tuple[list[tuple[int, float]], ...]:
+    """The (iteration, loss) curves of 20 iterations run through, and stopped by SIGTERM at 10 and resumed;
+    with ``again``, also of a second run through (how far two uninterrupted runs differ on this device)."""
     keys = dict(max_iters=20, interval=10, log_interval=1)
     train(shapes.config(work / "full", device, **keys))
+    if again:
+        train(shapes.config(work / "again", device, **keys))
     calls = []
 
     def sigterm_at_10(fraction: float) -> None:  # the progress callback: a real signal, the real stop path
@@ -111,7 +115,7 @@ def resume_curves(shapes: Shapes, work: Path, device: torch.device) -> tuple[lis
     except Interrupted:
         pass
     train(shapes.config(work / "cut", device, resume=True, **keys))
-    return _curve(work / "full"), _curve(work / "cut")
+    return (_curve(work / "full"), _curve(work / "cut")) + ((_curve(work / "again"),) if again else ())
 
 
 def _task(env: Path, ok: Callable[[Path], str], timeout: float) -> tuple[float, str]:
