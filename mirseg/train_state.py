@@ -60,6 +60,8 @@ class TrainState:
         random stream."""
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel is this run's device's choice (fused on CUDA)
+            group.update({k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = self.saved_at = ckpt["iteration"]
         self.best = ckpt.get("best") or self.best

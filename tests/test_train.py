@@ -11,6 +11,7 @@ import torch
 import toy
 import yaml
 
+from mirseg import dist
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config, fit_scale
@@ -19,6 +20,7 @@ from mirseg.data.sampler import IterationSampler
 from mirseg.errors import ConfigError
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.train import TrainingDiverged, poly_lr, train
+from mirseg.train_state import TrainState
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,29 @@ def test_nan_loss_stops_with_the_iteration(shapes, tmp_path):
     value, bad, first, last = found[1], *map(int, found.groups()[1:])
     assert value in ("nan", "inf", "-inf") and first <= bad <= last and (first - 1) % 10 == 0 and last % 10 == 0
     assert not (tmp_path / "last.pth").exists()
+
+
+def test_restore_keeps_this_runs_sgd_kernel_and_puts_back_the_state():
+    """A last.pth from CUDA (fused SGD) resumed elsewhere: the momentum and the RNG come back, the kernel stays
+    this run's (the saved param_groups would otherwise carry fused=True over, or drop it on the way to CUDA)."""
+    def state(fused: bool | None) -> TrainState:
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(1, 1, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=fused)
+        return TrainState(net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
+                          torch.amp.GradScaler("cuda", enabled=False))
+
+    saver = state(True)  # fused SGD runs on the CPU too
+    saver.net(torch.ones(1, 1, 2, 2)).sum().backward()
+    saver.optimizer.step()
+    ckpt = {"model": saver.net.state_dict(), "iteration": 3, **saver.resume_state(None)}
+    torch.rand(5)  # move the generator on: restore must put it back
+    resumed = state(None)
+    resumed.restore(ckpt, dist.Runtime(torch.device("cpu")))
+    assert resumed.optimizer.param_groups[0]["fused"] is None and resumed.iteration == resumed.saved_at == 3
+    momentum = [s["momentum_buffer"] for s in (saver.optimizer.state_dict()["state"][0],
+                                               resumed.optimizer.state_dict()["state"][0])]
+    assert torch.equal(*momentum) and torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
 
 
 def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
