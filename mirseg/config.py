@@ -87,7 +87,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds weights, data order and augmentation (reproducible on CPU)
     resume: bool = False  # continue from work_dir/last.pth with the same schedule
-    log_interval: int = 50  # loss/lr: a log line and TensorBoard scalars every this many iterations
+    log_interval: int = 50  # loss/lr: a log line, TensorBoard scalars and the NaN check every this many iterations
     tensorboard_dir: str = ""  # default: work_dir/tensorboard
 
     def __post_init__(self) -> None:
