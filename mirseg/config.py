@@ -58,6 +58,7 @@ class TrainConfig:
     # -- schedule (the original image's names and defaults)
     samples_per_gpu: int = 2  # batch per process
     workers_per_gpu: int = 2  # data-loading worker processes per process
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     max_iters: int = 20000  # training iterations; the poly schedule decays over them
     interval: int = 2000  # evaluate and checkpoint every this many iterations
     save_least_file: bool = True  # keep only the best and last checkpoints
@@ -86,12 +87,12 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     seed: int = 0  # seeds weights, data order and augmentation (reproducible on CPU)
     resume: bool = False  # continue from work_dir/last.pth with the same schedule
-    log_interval: int = 50  # loss/lr: a log line and TensorBoard scalars every this many iterations
+    log_interval: int = 50  # loss/lr: a log line, TensorBoard scalars and the NaN check every this many iterations
     tensorboard_dir: str = ""  # default: work_dir/tensorboard
 
     def __post_init__(self) -> None:
         _check_counts(self, ("samples_per_gpu", "max_iters", "interval", "log_interval"),
-                      ("workers_per_gpu", "warmup_iters"))
+                      ("workers_per_gpu", "warmup_iters", "threads"))
         _check_sizes(self, ("crop_size", "img_scale", "slide_crop", "slide_stride"))
         if self.max_keep_ckpts < -1 or self.max_keep_ckpts == 0:
             raise ConfigError(f"max_keep_ckpts must be -1 (all) or >= 1, got {self.max_keep_ckpts}")
@@ -149,6 +150,7 @@ class InferConfig:
     out_dir: str = "runs/infer"  # where the outputs go
     samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
     workers_per_gpu: int = 2  # image-decoding worker processes
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = False  # autocast: fp16 on CUDA, bf16 on CPU; softmax stays fp32
     img_scale: tuple[int, int] | None = None  # (w, h) keep-ratio test scale; default: the checkpoint's
@@ -165,7 +167,7 @@ class InferConfig:
     resume: bool = False  # continue the interrupted run in out_dir, skipping its finished images; false: start over
 
     def __post_init__(self) -> None:
-        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu",))
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "threads"))
         _check_sizes(self, ("img_scale", "slide_crop", "slide_stride"))
         if not all(s > 0 for s in self.scales):
             raise ConfigError(f"scales must be positive ratios of img_scale, e.g. [0.75, 1.0, 1.25], "
@@ -186,15 +188,17 @@ class MineConfig:
     max_superpixel_per_image: int = 1024  # rsal: superpixels per image, at most
     superpixel_cell: int = 8  # rsal: superpixels run on a copy shrunk until one is ~cell x cell px (0: full size)
     max_kept_mining_image: int = 5000  # images the pool-wide threshold aims at; masks are saved for these
-    topk_superpixel_score: int = 3  # rsal: best superpixels that make an image's score
+    topk_superpixel_score: int = 3  # rsal (and ripu_image_score=topk): best regions that make an image's score
     class_balance: bool = True  # rsal: weight superpixels by exp(-share of their dominant class)
     ripu_region_radius: int = 1  # ripu: regions are (2r+1)x(2r+1) windows
+    ripu_image_score: str = "mean"  # ripu: mean window score; budget: mean of the best region_budget; topk: k best
     reduction: str = "mean"  # baselines: image score = mean, max, sum or topk (mean of the top topk_percent)
     topk_percent: float = 10.0  # baselines with reduction topk: the share of pixels averaged
     sampling: Literal["top", "power"] = "top"  # top: sort by score; power: draw max_kept_mining_image by score^beta
     power_beta: float = 1.0  # sampling power: the exponent (larger: closer to plain top-N)
     samples_per_gpu: int = 2  # images per forward pass
     workers_per_gpu: int = 2  # image-decoding worker processes
+    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)
     bf16: bool = False  # autocast bf16 on CPU
     img_scale: tuple[int, int] | None = None  # (w, h) working resolution; default: the checkpoint's test scale
@@ -208,7 +212,7 @@ class MineConfig:
 
     def __post_init__(self) -> None:
         # The algorithm knobs are checked by mirseg.mining.MiningParams, which mine() builds before any work.
-        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "max_saved_masks"))
+        _check_counts(self, ("samples_per_gpu",), ("workers_per_gpu", "max_saved_masks", "threads"))
         _check_sizes(self, ("img_scale",))
         if not self.power_beta >= 0:
             raise ConfigError(f"power_beta must be >= 0, got {self.power_beta}")

@@ -27,15 +27,17 @@ METADATA_KEY = "mirseg"  # ONNX metadata_props key, and TorchScript extra file "
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session on ``path`` (CPU unless ``providers`` say otherwise), idle threads not spinning;
+    ``threads``: intra-op threads (None: torch's count)."""
     try:
         import onnxruntime as ort  # optional (mirseg[export]): deferred so mirseg runs without it
     except ImportError:
         raise DependencyError("checking or running an ONNX model needs onnxruntime: pip install 'mirseg[export]' "
                               "(or export with --no-check)") from None
-    """An ONNX Runtime session on ``path`` (CPU unless ``providers`` say otherwise), idle threads not spinning."""
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    # None: torch's intra-op count, which the job's thread budget (mirseg.threads) has set; ONNX Runtime's own
+    # default is one thread per core, whatever the data workers and other jobs need.
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     # Idle ONNX Runtime threads spin by default; in mirseg's pipeline they would take the cores the
     # image-decoding workers need between two forward passes.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

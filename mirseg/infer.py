@@ -44,6 +44,7 @@ from mirseg.fileio import AtomicFile, write_atomic
 from mirseg.interrupt import signal_name
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.predict import Predictor, autocast_dtype, load_predictor, predict_batch
+from mirseg.threads import budgeted
 
 log = logging.getLogger("mirseg")
 
@@ -74,6 +75,11 @@ class _Loaded:
     image: np.ndarray | None = None
     original: np.ndarray | None = None
     error: str | None = None
+
+    def pin_memory(self) -> _Loaded:
+        """The DataLoader's pin-memory thread calls this (on CUDA): page-locked views copy to the GPU asynchronously."""
+        self.views = [v.pin_memory() for v in self.views]
+        return self
 
     @property
     def key(self) -> tuple[tuple[int, int], ...]:
@@ -121,7 +127,8 @@ def _identity(item: _Loaded) -> _Loaded:
 
 def _predict_batch(predictor: Predictor, items: list[_Loaded], flip: bool, dtype: torch.dtype | None) -> torch.Tensor:
     """Probabilities ``(B, C, h, w)`` at the items' working size, averaged over TTA views (scales x flips)."""
-    views = [torch.stack([it.views[v] for it in items]).to(predictor.device, non_blocking=True)
+    # Each pinned view is copied on its own and stacked on the device (stacking on the host would unpin them).
+    views = [torch.stack([it.views[v].to(predictor.device, non_blocking=True) for it in items])
              for v in range(len(items[0].views))]  # (B, 3, h_s, w_s) per scale
     return predict_batch(predictor.model, views, items[0].work_size, predictor.test_mode, predictor.slide_crop,
                          predictor.slide_stride, flip=flip, dtype=dtype)
@@ -169,7 +176,7 @@ def iter_predictions(
     dtype = autocast_dtype(predictor.device, amp)
     dataset = _ImageDataset(paths, predictor.img_scale, ratios, keep_image, keep_original)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers_per_gpu,
-                                         collate_fn=_identity)
+                                         collate_fn=_identity, pin_memory=predictor.device.type == "cuda")
     with opencv_threads(1 if workers_per_gpu > 0 else None):
         loaded = iter(loader)  # forks the workers
     group = group_size(samples_per_gpu)
@@ -223,6 +230,7 @@ class InferResult:
     index_tsv: Path | None = None  # images.tsv: coco image id, output name, input path, status
 
 
+@budgeted
 def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = None, *,
                   predictor: Predictor | None = None) -> InferResult:
     """``mirseg infer``: predict every image of ``cfg.images`` and write the outputs ``cfg`` asks for.

@@ -133,10 +133,10 @@ def raise_on_signals() -> Iterator[None]:
 
 def job_settings(cfg: Any, paths: list[str], checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """What decides a job's outputs, for :meth:`Journal.open`: every key of the config dataclass ``cfg`` but
-    ``resume`` and ``workers_per_gpu``, the input paths (count and SHA-256) and the checkpoint file's size
+    ``resume``, ``workers_per_gpu`` and ``threads``, the input paths (count and SHA-256) and the checkpoint file's size
     and modification time (retrained weights under the same name are other settings)."""
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.name not in ("resume", "workers_per_gpu")}
+              if f.name not in ("resume", "workers_per_gpu", "threads")}
     digest = hashlib.sha256("\n".join(paths).encode("utf-8", errors="surrogateescape")).hexdigest()
     out = {**values, "num_images": len(paths), "images_sha256": digest}
     if checkpoint and os.path.isfile(checkpoint):

@@ -23,11 +23,12 @@ def auto_class_weight(counts: np.ndarray) -> list[float]:
 
 
 def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tuple[float, ...],
-                      class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy on ``out["out"]`` plus weighted auxiliary heads; averages over non-ignored pixels.
 
     Logits ``(N, K, H, W)`` are fp32 for the loss even under autocast; labels ``(N, H, W)`` int64.
-    Returns the total and each part as a float for logging.
+    Returns the total and each part (``decode``, ``aux0``.., ``total``) as a detached 0-d tensor on the
+    logits' device: reading one as a number waits for the GPU, so the training loop reads them in batches.
     """
     def ce(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=IGNORE_INDEX)
@@ -40,4 +41,4 @@ def segmentation_loss(out: dict[str, Any], labels: torch.Tensor, aux_weights: tu
         parts[f"aux{i}"] = a.detach()
         total = total + w * a
     parts["total"] = total.detach()
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, parts

@@ -65,6 +65,7 @@ from mirseg.mining.select import power_order, rank
 from mirseg.outputs import output_names
 from mirseg.predict import Predictor
 from mirseg.report import ReportImage, render, thumbnail
+from mirseg.threads import budgeted
 
 log = logging.getLogger("mirseg")
 
@@ -151,6 +152,7 @@ def _score_pool(miner: Miner, cfg: MineConfig, params: MiningParams, summaries: 
     return ranking, list(chosen), [int(i) for i in order], np.asarray(scores, dtype=np.float64)
 
 
+@budgeted
 def mine(cfg: MineConfig, progress: Callable[[float], None] | None = None, *,
          predictor: Predictor | None = None) -> MineResult:
     """Score every candidate of ``cfg.images`` with ``cfg.mining_algorithm`` and write ``out_dir/result.tsv``.

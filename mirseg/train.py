@@ -43,7 +43,8 @@ from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileErro
 from mirseg.evaluate import evaluate, log_predictions, print_table
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.models import build_model
-from mirseg.train_state import TrainState, rank_rng_states
+from mirseg.threads import budgeted
+from mirseg.train_state import LossWindow, TrainState, rank_rng_states
 
 log = logging.getLogger("mirseg")
 
@@ -100,6 +101,7 @@ class _Run:
     data: TrainData
     writer: Any = None  # TensorBoard SummaryWriter
     bar: Any = None  # tqdm progress bar
+    losses: LossWindow = field(default_factory=LossWindow)  # on the device until _read_losses
     t0: float = field(default_factory=time.perf_counter)
 
     def close_logs(self) -> None:
@@ -113,6 +115,7 @@ class _Run:
 # The run: the set-up in named steps, then the loop
 
 
+@budgeted
 def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on the configured data; returns where the best and last checkpoints are.
 
@@ -132,6 +135,10 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     check_output_dirs(cfg)  # a work_dir that is a file fails before any work
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
+    if rt.device.type == "cuda":
+        # Every batch has the crop's shape: timing cuDNN's algorithms once pays for the whole run (as mmseg's
+        # cudnn_benchmark; evaluation's sizes are timed once each). A CUDA resume is exact within a tolerance.
+        torch.backends.cudnn.benchmark = True
     # The order matters for exact resume: the model's initialisation draws from the seeded generator.
     cfg, data = _load_data(cfg, rt)
     cfg, model = _build_model(cfg, len(data.class_names), rt)
@@ -145,7 +152,6 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     loader = _loader(data.train_set, cfg, rt, state.iteration)
     run = _open_logs(cfg, rt, data, state.iteration)
     model, aux_weights = state.model, state.net.aux_weights
-    use_amp = state.scaler.is_enabled()
 
     last_metrics: dict[str, Any] = {}
     model.train()
@@ -155,33 +161,36 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
         batches = iter(loader)
     _stop_if_signalled(run, state, stop)  # a signal during the set-up
     for it, (images, labels) in enumerate(batches, start=state.iteration):
-        images = images.to(rt.device, non_blocking=True)
+        images = images.to(rt.device, non_blocking=True)  # pinned by the loader on CUDA: the copy is queued
         labels = labels.to(rt.device, non_blocking=True)
-        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
             out = model(images)
-        loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)
-        if not math.isfinite(parts["total"]):
-            raise TrainingDiverged(f"loss is {parts['total']} at iteration {it + 1}; lower lr (now "
-                                   f"{state.scheduler.get_last_lr()[0]:g}) or check the labels")
+        loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)  # parts: tensors on the device
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
         state.iteration = done = it + 1
-
+        # Nothing above waits for the GPU. The losses are read (checked for NaN, logged) every log_interval
+        # iterations and before a checkpoint, so a diverged run never saves and names its first bad iteration.
+        run.losses.add(done, parts)
+        evaluating = done % cfg.interval == 0 or done == cfg.max_iters
+        logging_now = done % cfg.log_interval == 0 or done == cfg.max_iters
+        if evaluating or logging_now:
+            _read_losses(run, state, logging_now)
         if rt.is_main:
-            _log_step(run, done, parts, state.optimizer.param_groups[0]["lr"])
+            run.bar.update(1)
             if progress is not None:
                 progress(done / cfg.max_iters)
-        if done % cfg.interval == 0 or done == cfg.max_iters:
+        if evaluating:
             model.eval()
             metrics = evaluate(model, data.val_set, cfg, rt, len(data.class_names)) if len(data.val_set) else {}
             model.train()
             last_metrics = metrics
             _after_eval(run, state, metrics, rank_rng_states(rt))
-        # Checked after every step, so a run stops within one iteration; under torchrun this is one
-        # tiny all_reduce per iteration (the loop already waits for the loss value every iteration).
+        # Checked after every step, so a run stops within one iteration. Under torchrun this is one tiny
+        # all_reduce per iteration, which on GPUs waits for the step (a single process never waits here).
         if done < cfg.max_iters:  # on the last iteration the run is complete anyway
             _stop_if_signalled(run, state, stop)
     run.close_logs()
@@ -240,7 +249,9 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module, rt: dist.Runtime) -> Tra
         how = "kept" if cfg.lr_scaling == "none" else f"scaled ({cfg.lr_scaling})"
         log.info("lr %s from %g (batch %d of the preset) to %g (batch %d); lr_scaling: none, sqrt or linear",
                  how, cfg.lr, design, lr, total_batch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # fused on CUDA: GradScaler hands it the inf check on the device (scaler.step reads it back for other SGDs).
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=rt.device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr(lr, min(cfg.min_lr, lr), cfg.power,
                                                                      cfg.max_iters, cfg.warmup_iters))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and rt.device.type == "cuda")
@@ -306,16 +317,20 @@ def _open_logs(cfg: TrainConfig, rt: dist.Runtime, data: TrainData, start_iter: 
 # -- in the loop
 
 
-def _log_step(run: _Run, done: int, parts: dict[str, float], lr: float) -> None:
-    """Rank 0: the progress bar every iteration; the losses to TensorBoard and the log every log_interval."""
-    run.bar.update(1)
+def _read_losses(run: _Run, state: TrainState, log_them: bool) -> None:
+    """Read the losses kept since the last read (one wait for the device): raise :class:`TrainingDiverged` at the
+    first non-finite total; with ``log_them``, rank 0 shows the last iteration's in the bar, TensorBoard and log."""
+    (parts, bad), done, lr = run.losses.take(), state.iteration, state.optimizer.param_groups[0]["lr"]
+    if bad:
+        raise TrainingDiverged(f"loss is {bad}; lower lr (now {lr:g}) or check the labels")
+    if not (log_them and run.rt.is_main and parts):
+        return
     run.bar.set_postfix(loss=f"{parts['total']:.4f}", lr=f"{lr:.2e}")
-    if done % run.cfg.log_interval == 0 or done == run.cfg.max_iters:
-        for k, v in parts.items():
-            run.writer.add_scalar(f"loss/{k}", v, done)
-        run.writer.add_scalar("lr", lr, done)
-        log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, run.cfg.max_iters, parts["total"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr)
+    for k, v in parts.items():
+        run.writer.add_scalar(f"loss/{k}", v, done)
+    run.writer.add_scalar("lr", lr, done)
+    log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, run.cfg.max_iters, parts["total"],
+             ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr)
 
 
 def _after_eval(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None) -> None:
@@ -367,6 +382,8 @@ def _stop_if_signalled(run: _Run, state: TrainState, stop: interrupt.StopRequest
     cfg, rt, done = run.cfg, run.rt, state.iteration
     last_path = Path(cfg.work_dir) / "last.pth"
     unsaved = done > state.saved_at
+    if unsaved:
+        _read_losses(run, state, log_them=False)  # weights past a NaN loss are not saved
     rank_rng = rank_rng_states(rt) if unsaved else None
     if rt.is_main and unsaved:
         # No metrics: they would belong to an earlier iteration than the weights.

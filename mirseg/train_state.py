@@ -4,11 +4,13 @@
 got and the best evaluation so far. :meth:`TrainState.resume_state` is what ``last.pth`` keeps
 besides the weights (with every process's random generators, gathered by :func:`rank_rng_states`),
 and :meth:`TrainState.restore` puts it all back, so a resumed run takes the steps an uninterrupted
-one takes (bit-exact on CPU).
+one takes (bit-exact on CPU). :class:`LossWindow` holds the loss values of the iterations since the loop
+last read them, on the device.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from mirseg import dist
+
+log = logging.getLogger("mirseg")
 
 
 @dataclass
@@ -56,18 +60,24 @@ class TrainState:
         random stream."""
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel is this run's device's choice (fused on CUDA)
+            group.update({k: self.optimizer.defaults[k] for k in ("fused", "foreach") if k in self.optimizer.defaults})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = self.saved_at = ckpt["iteration"]
         self.best = ckpt.get("best") or self.best
         rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and rt.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
         ranks = rng.get("ranks") or []
-        if rt.distributed and len(ranks) == rt.world_size:
-            torch.set_rng_state(ranks[rt.rank]["torch"])
-            if ranks[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
-                torch.cuda.set_rng_state(ranks[rt.rank]["cuda"], rt.device)
+        own = ranks[rt.rank] if rt.distributed and len(ranks) == rt.world_size else None
+        if rt.distributed and own is None:
+            log.warning("last.pth was saved by %d processes, not %d: every process resumes rank 0's random "
+                        "generators, so the run is not the one an uninterrupted run would have been",
+                        len(ranks) or 1, rt.world_size)
+        torch.set_rng_state(own["torch"] if own else rng["torch"])
+        if rt.device.type == "cuda":  # only this process's device: the machine may have fewer GPUs than the saver's
+            index = rt.device.index if rt.device.index is not None else torch.cuda.current_device()
+            cuda = own["cuda"] if own else (rng["cuda"][index] if index < len(rng["cuda"]) else None)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, rt.device)
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
 
@@ -84,3 +94,40 @@ def rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
     states: list[Any] = [None] * rt.world_size
     torch_dist.all_gather_object(states, mine)
     return states
+
+
+class LossWindow:
+    """The loss parts of the iterations since the last :meth:`take`, as tensors on the training device.
+
+    Reading a CUDA tensor as a number makes the CPU wait until the GPU has done all queued work, so a loop
+    that printed every iteration's loss would run in lock-step with the GPU. The loop adds each iteration's
+    parts here (one small stack kernel, no wait) and takes them all at once every ``log_interval`` iterations
+    and before each checkpoint: one copy to the host per window.
+    """
+
+    def __init__(self) -> None:
+        self.first = 1  # the iteration of the first row
+        self.names: tuple[str, ...] = ()
+        self.rows: list[torch.Tensor] = []  # one (P,) tensor per iteration, P = len(names)
+
+    def add(self, iteration: int, parts: dict[str, torch.Tensor]) -> None:
+        """Keep ``parts`` (0-d tensors, :func:`mirseg.loss.segmentation_loss`) of iteration ``iteration``."""
+        if not self.rows:
+            self.first, self.names = iteration, tuple(parts)
+        self.rows.append(torch.stack([parts[k].float() for k in self.names]))
+
+    def take(self) -> tuple[dict[str, float], str | None]:
+        """Read and forget the rows kept (one copy to the host): the last iteration's parts as numbers, and
+        ``"<value> at iteration <k> (found reading iterations <a>-<b>)"`` for the first non-finite total, else None."""
+        if not self.rows:
+            return {}, None
+        values = torch.stack(self.rows).cpu()  # (n, P): row i is iteration first + i
+        self.rows = []
+        total = values[:, self.names.index("total")]
+        bad = (~torch.isfinite(total)).nonzero()
+        where = None
+        if len(bad):
+            k = int(bad[0])
+            where = (f"{float(total[k])} at iteration {self.first + k} (found reading iterations {self.first}-"
+                     f"{self.first + len(values) - 1})")
+        return dict(zip(self.names, values[-1].tolist())), where

@@ -1,4 +1,5 @@
-"""Shared fixtures: the parity test data shipped in tests/data/parity, the slow marker, a trained toy model.
+"""Shared fixtures: the parity test data shipped in tests/data/parity, the slow and cuda markers, a trained toy
+model.
 
 The suite runs in pytest-xdist workers (``-n auto`` in pyproject.toml): each worker keeps to one torch/OpenMP
 thread, since two workers with two threads each on two cores slow every step 10-100x, and the toy model is
@@ -41,13 +42,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``@pytest.mark.slow`` tests (long end-to-end runs) run only with RUN_SLOW=1, as CI sets it."""
-    if RUN_SLOW:
-        return
-    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 (CI does)")
+    """``@pytest.mark.slow`` tests (long end-to-end runs) run only with RUN_SLOW=1, as CI sets it;
+    ``@pytest.mark.cuda`` tests only where torch sees a CUDA GPU (``pytest -m cuda`` runs just them)."""
+    slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 (CI does)")
+    cuda = pytest.mark.skip(reason="cuda: torch.cuda.is_available() is False on this machine")
+    has_cuda = torch.cuda.is_available()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not RUN_SLOW:
+            item.add_marker(slow)
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(cuda)
 
 
 @pytest.fixture(scope="session")

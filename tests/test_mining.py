@@ -233,13 +233,53 @@ def test_ripu_windows_do_not_overlap():
     assert len(ripu.select_windows(torch.rand(3, 3), radius=1, k=3)[0]) == 1
 
 
-def test_ripu_summary_is_the_sum_of_its_windows():
+def test_ripu_image_scores_from_the_window_scores():
     torch.manual_seed(0)
     p = torch.rand(3, 20, 24).softmax(0)
-    s = ripu.summarize(p, radius=1, k=3)
-    a = ripu.region_scores(p, 1)
-    assert s.score == pytest.approx(sum(a[y, x].item() for y, x in s.centres), rel=1e-6)
-    assert s.values[0] == pytest.approx(a.max().item(), rel=1e-6)
+    a = ripu.region_scores(p, 1)  # (20, 24)
+    top = ripu.summarize(p, radius=1, k=3, image_score_method="topk")
+    assert top.score == pytest.approx(sum(a[y, x].item() for y, x in top.centres), rel=1e-6)  # the k windows' sum
+    assert top.values[0] == pytest.approx(a.max().item(), rel=1e-6)
+    mean = ripu.summarize(p, radius=1, k=3)  # the default
+    assert mean.score == pytest.approx(a.double().mean().item(), rel=1e-9)
+    np.testing.assert_array_equal(mean.centres, top.centres)  # the windows are kept whatever the score
+    best = np.sort(a.numpy().reshape(-1))[::-1]
+    budget = ripu.summarize(p, radius=1, k=3, image_score_method="Budget", budget=0.1)  # ceil(48) windows
+    assert budget.score == pytest.approx(best[:48].mean(), rel=1e-6)
+    assert ripu.summarize(p, 1, 3, "budget", budget=1e-6).score == pytest.approx(best[0], rel=1e-6)  # >= 1 window
+    with pytest.raises(ConfigError, match="did you mean 'mean'"):
+        ripu.summarize(p, 1, 3, "meen")
+    with pytest.raises(ConfigError, match="ripu_image_score"):
+        MiningParams(ripu_image_score="max")
+
+
+def _impure_patches(count: int, h: int = 60, w: int = 80) -> torch.Tensor:
+    """(3, h, w): confident class 2 everywhere but ``count`` separate 6x6 patches of an unsure 0/1 checkerboard."""
+    p = torch.zeros(3, h, w)
+    p[2] = 0.98
+    p[:2] = 0.01
+    for i in range(count):
+        y, x = 6 + 16 * (i // 4), 6 + 18 * (i % 4)  # up to 12 patches, 10+ pixels apart
+        yy, xx = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+        odd = ((yy + xx) % 2).bool()  # (6, 6)
+        patch = torch.stack([torch.where(odd, 0.45, 0.5), torch.where(odd, 0.5, 0.45), torch.full((6, 6), 0.05)])
+        p[:, y:y + 6, x:x + 6] = patch
+    return p
+
+
+def test_ripu_image_score_grows_with_the_uncertain_regions_instead_of_saturating():
+    """One unsure, impure patch in a clean image against eight: the top-k sum cannot tell them apart (its 3
+    windows fit in one patch), the mean and the budget score rank the eight-patch image higher."""
+    one, many = _impure_patches(1), _impure_patches(8)
+    top = [ripu.summarize(p, 1, 3, "topk").score for p in (one, many)]
+    assert top[0] > 0 and top[0] == pytest.approx(top[1], rel=1e-9)  # saturated: equal scores
+    for method in ("mean", "budget"):
+        s_one, s_many = (ripu.summarize(p, 1, 3, method, budget=0.022).score for p in (one, many))
+        assert s_many > 2 * s_one > 0, method
+    # The default MiningParams rank the same way through the miner.
+    miner, params = get_algorithm("ripu"), MiningParams()
+    scores, _ = miner.score_pool([miner.summarize(p, None, params) for p in (one, many)], ["a", "b"], 3, params)
+    assert scores[1] > 2 * scores[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,14 +355,15 @@ def test_mining_params_are_mine_config_keys_by_name():
     """MiningParams takes its names, types and defaults from MineConfig: the two cannot drift apart."""
     keys = {f.name: f for f in dataclasses.fields(MineConfig)}
     knobs = dataclasses.fields(MiningParams)
-    assert len(knobs) == 12
+    assert len(knobs) == 13
     for knob in knobs:
         assert knob.name in keys, f"MiningParams.{knob.name} is no MineConfig key"
         assert (knob.type, knob.default) == (keys[knob.name].type, keys[knob.name].default), knob.name
     # Every knob is carried over from the config, not just the ones that happen to keep their defaults.
     changed = dict(superpixel_algorithm="seeds", max_superpixel_per_image=7, superpixel_cell=0,
                    uncertainty_method="entropy", topk_superpixel_score=2, max_kept_mining_image=9, class_balance=False,
-                   ripu_region_radius=3, reduction="topk", topk_percent=5.0, seed=4, region_budget=0.05)
+                   ripu_region_radius=3, ripu_image_score="budget", reduction="topk", topk_percent=5.0, seed=4,
+                   region_budget=0.05)
     assert set(changed) == {k.name for k in knobs}
     assert MiningParams.from_config(build_config(MineConfig, changed)) == MiningParams(**changed)
     with pytest.raises(ConfigError, match="topk_percent must be in"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import toy
 import yaml
 
+from mirseg import dist
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config, fit_scale
@@ -18,6 +20,7 @@ from mirseg.data.sampler import IterationSampler
 from mirseg.errors import ConfigError
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.train import TrainingDiverged, poly_lr, train
+from mirseg.train_state import TrainState
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +98,39 @@ def test_checkpoint_rotation(shapes, tmp_path):
 
 
 def test_nan_loss_stops_with_the_iteration(shapes, tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"at iteration \d+"):
+    """The losses are read every log_interval (10 here), not every step: the error names the first bad iteration
+    and the iterations read with it, and nothing is saved."""
+    with pytest.raises(TrainingDiverged, match=r"at iteration \d+") as info:
         train(_cfg(shapes, tmp_path, max_iters=50, interval=50, lr=1e12, samples_per_gpu=2))
+    found = re.search(r"loss is (\S+) at iteration (\d+) \(found reading iterations (\d+)-(\d+)\); lower lr",
+                      str(info.value))
+    assert found, str(info.value)
+    value, bad, first, last = found[1], *map(int, found.groups()[1:])
+    assert value in ("nan", "inf", "-inf") and first <= bad <= last and (first - 1) % 10 == 0 and last % 10 == 0
+    assert not (tmp_path / "last.pth").exists()
+
+
+def test_restore_keeps_this_runs_sgd_kernel_and_puts_back_the_state():
+    """A last.pth from CUDA (fused SGD) resumed elsewhere: the momentum and the RNG come back, the kernel stays
+    this run's (the saved param_groups would otherwise carry fused=True over, or drop it on the way to CUDA)."""
+    def state(fused: bool | None) -> TrainState:
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(1, 1, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=fused)
+        return TrainState(net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
+                          torch.amp.GradScaler("cuda", enabled=False))
+
+    saver = state(True)  # fused SGD runs on the CPU too
+    saver.net(torch.ones(1, 1, 2, 2)).sum().backward()
+    saver.optimizer.step()
+    ckpt = {"model": saver.net.state_dict(), "iteration": 3, **saver.resume_state(None)}
+    torch.rand(5)  # move the generator on: restore must put it back
+    resumed = state(None)
+    resumed.restore(ckpt, dist.Runtime(torch.device("cpu")))
+    assert resumed.optimizer.param_groups[0]["fused"] is None and resumed.iteration == resumed.saved_at == 3
+    momentum = [s["momentum_buffer"] for s in (saver.optimizer.state_dict()["state"][0],
+                                               resumed.optimizer.state_dict()["state"][0])]
+    assert torch.equal(*momentum) and torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
 
 
 def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
@@ -198,11 +232,11 @@ def test_segmentation_loss_ignores_255_and_weights_the_aux_heads_and_classes():
     mean = {name: sum(v for _, v in _nll(t, labels)) / 29 for name, t in
             (("decode", decode), ("aux0", aux0), ("aux1", aux1))}
     total, parts = segmentation_loss({"out": decode, "aux": [aux0, aux1]}, labels, (0.4, 0.25))
-    assert parts["decode"] == pytest.approx(mean["decode"], rel=1e-5)
-    assert parts["aux0"] == pytest.approx(mean["aux0"], rel=1e-5)
-    assert parts["aux1"] == pytest.approx(mean["aux1"], rel=1e-5)
+    assert float(parts["decode"]) == pytest.approx(mean["decode"], rel=1e-5)
+    assert float(parts["aux0"]) == pytest.approx(mean["aux0"], rel=1e-5)
+    assert float(parts["aux1"]) == pytest.approx(mean["aux1"], rel=1e-5)
     want = mean["decode"] + 0.4 * mean["aux0"] + 0.25 * mean["aux1"]
-    assert float(total) == pytest.approx(want, rel=1e-5) and parts["total"] == pytest.approx(want, rel=1e-5)
+    assert float(total) == pytest.approx(want, rel=1e-5) and float(parts["total"]) == pytest.approx(want, rel=1e-5)
     # An ignored pixel has no effect whatever its logits; no aux heads in eval mode: the decode head alone.
     changed = decode.clone()
     changed[0, :, :2] = 1000.0
@@ -274,11 +308,11 @@ def test_torchrun_two_cpu_processes(shapes, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mirseg",
            "train", f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}",
            f"val_images={va.images}", "max_iters=4", "interval=2", "crop_size=[64,64]", "img_scale=[128,96]",
-           "samples_per_gpu=2", "workers_per_gpu=0", "device=cpu", f"work_dir={tmp_path}"]
+           "samples_per_gpu=2", "workers_per_gpu=0", "device=cpu", "lr_scaling=linear", f"work_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("best:") == 1  # one summary line, from rank 0
-    assert "to 0.015 (batch 4)" in proc.stdout + proc.stderr  # lr scaled to the total batch of both processes
+    assert "to 0.015 (batch 4)" in proc.stdout + proc.stderr  # the total batch counts both processes
     ckpt = read_checkpoint(tmp_path / "last.pth")
     assert ckpt["iteration"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                           if v.is_floating_point())

@@ -18,8 +18,9 @@ from pycocotools.coco import COCO
 from mirseg.data.synthetic import make_dataset
 from mirseg.ymir import templates
 from mirseg.ymir.executor import main as ymir_main
-from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, write_training_result
-from mirseg.ymir.taskconfig import task_device
+from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, read_env, write_training_result
+from mirseg.ymir.taskconfig import read_task_config, task_device
+from mirseg.ymir.training import training_config
 from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,3 +273,12 @@ def test_cpu_when_no_gpu_is_given():
     assert task_device({"gpu_id": "", "gpu_count": 1}, Path("c.yaml")) == ("cpu", 0)  # the original's bug: 1 GPU
     assert task_device({"gpu_id": "0", "gpu_count": "0"}, Path("c.yaml")) == ("cpu", 0)
     assert task_device({}, Path("c.yaml")) == ("cpu", 0)
+
+
+def test_a_task_sets_the_threads_as_a_key_or_in_cfg_options(tmp_path):
+    """threads (mirseg.threads) reaches the TrainConfig from the task's config.yaml and from cfg_options."""
+    coco, images, val_names = _coco_source(tmp_path / "src")
+    for i, config in enumerate([{"threads": "3"}, {"cfg_options": "threads=2 lr=0.01"}]):
+        env = read_env(training_workspace(tmp_path / f"task{i}", coco, images, val_names, CLASSES, config))
+        cfg, _, _ = training_config(env, read_task_config(env, "training"))
+        assert cfg.threads == (3 if i == 0 else 2)

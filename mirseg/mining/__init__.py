@@ -49,6 +49,7 @@ class MiningParams:
     max_kept_mining_image: int = _DEFAULTS.max_kept_mining_image
     class_balance: bool = _DEFAULTS.class_balance
     ripu_region_radius: int = _DEFAULTS.ripu_region_radius
+    ripu_image_score: str = _DEFAULTS.ripu_image_score
     reduction: str = _DEFAULTS.reduction
     topk_percent: float = _DEFAULTS.topk_percent
     seed: int = _DEFAULTS.seed
@@ -64,6 +65,7 @@ class MiningParams:
         check_algorithm(self.superpixel_algorithm)
         get_uncertainty(self.uncertainty_method)
         baselines.check_reduction(self.reduction)
+        ripu.check_image_score(self.ripu_image_score)
         for key in ("max_superpixel_per_image", "topk_superpixel_score", "max_kept_mining_image"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -129,7 +131,7 @@ def _rsal_regions(proba: torch.Tensor | None, image: np.ndarray | None, ranked: 
 
 
 def _ripu_summarize(proba: torch.Tensor, image: np.ndarray | None, p: MiningParams) -> ripu.RipuSummary:
-    return ripu.summarize(proba, p.ripu_region_radius, p.topk_superpixel_score)
+    return ripu.summarize(proba, p.ripu_region_radius, p.topk_superpixel_score, p.ripu_image_score, p.region_budget)
 
 
 def _ripu_pool(summaries: Sequence[ripu.RipuSummary], keys: Sequence[str], num_classes: int,
@@ -184,7 +186,7 @@ ALGORITHMS: dict[str, Miner] = {
     "rsal": Miner("rsal", True, True, _rsal_summarize, _rsal_pool, _rsal_regions,
                   "superpixel mean uncertainty x class balance; top-k + above-threshold superpixels"),
     "ripu": Miner("ripu", True, False, _ripu_summarize, _ripu_pool, _ripu_regions,
-                  "window entropy x label impurity; top-k non-overlapping windows"),
+                  "window entropy x label impurity, averaged over the image (ripu_image_score); merged windows"),
     "random": Miner("random", False, False, None, _random_pool, _random_regions,
                     "seeded uniform scores (baseline); random superpixels as regions"),
     "entropy": _pixel_miner("entropy"),

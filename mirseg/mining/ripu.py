@@ -9,16 +9,30 @@ For every pixel x and its (2r+1)x(2r+1) window W(x), r = ``ripu_region_radius``:
 - region score ``A(x) = U(x) * P(x)``: high where the model is unsure *and* the predicted labels
   are mixed, i.e. on the object boundaries it gets wrong.
 
-The image score is the sum of A over the ``topk`` best **non-overlapping** windows, picked greedily
-(the best window, then the best one that shares no pixel with those already taken, ...), which are
-the image's top windows. The mask shown to the labeller is larger (:func:`budget_windows`): the
-union of the best-scoring windows until it covers ``region_budget`` of the image, overlapping
-and touching windows merged into one region, the regions ranked by their best window.
+The image score (``ripu_image_score``, :func:`image_score`) is
+
+- ``mean`` (default): the mean of A over every pixel-centred window of the image, i.e. how much of
+  the image is uncertain *and* impure, and how much so;
+- ``budget``: the mean of the best ``region_budget`` share of the windows (what a labeller would be
+  shown), which still saturates when an image has more such windows than the budget;
+- ``topk``: the sum of A over the ``topk`` best **non-overlapping** windows, picked greedily (the
+  best window, then the best one that shares no pixel with those already taken, ...). This was the
+  only score before; a handful of 3x3 windows is found near the maximum on nearly every street
+  image, so on CamVid its per-image Spearman correlation with the model's pixel error was +0.02
+  (entropy +0.53, random +0.07; issue 13): it ranked images at random.
+
+The top-k windows are kept in the summary whatever the score. The mask shown to the labeller is
+larger (:func:`budget_windows`): the union of the best-scoring windows until it covers
+``region_budget`` of the image, overlapping and touching windows merged into one region, the
+regions ranked by their best window (the same for every image score).
 
 How this differs from the original image (algorithms.md §2, §8):
 
 - windows at the image border are averaged over their in-image pixels (the official RIPU code's
   rule; the YMIR port divided by the full window size, biasing border scores low);
+- the image score is the mean window score by default; the port's was the top-k sum
+  (``ripu_image_score=topk``; the official code selects regions within each image and has no image
+  score at all);
 - the top k windows may not overlap (the port summed the k best *pixels*, usually neighbours, so
   the score was about k times the best window); an image with room for fewer than k windows sums
   the ones it has instead of failing;
@@ -37,8 +51,12 @@ import torch
 import torch.nn.functional as F
 
 from mirseg.errors import ConfigError
+from mirseg.mining._names import lookup
 from mirseg.mining.regions import check_budget
 from mirseg.mining.uncertainty import pixel_stats
+
+IMAGE_SCORES = ("mean", "budget", "topk")
+"""Values of ``ripu_image_score``: how an image's score is made of its window scores (module docstring)."""
 
 
 def window_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -145,12 +163,38 @@ class RipuSummary:
     values: np.ndarray  # (n,) window scores
 
 
-def summarize(proba: torch.Tensor, radius: int = 1, k: int = 3) -> RipuSummary:
-    """Image score = sum of the ``k`` best non-overlapping window scores of ``proba`` (C, H, W)."""
+def check_image_score(name: str) -> str:
+    """``ripu_image_score`` in lower case, or a ConfigError with a "did you mean" hint."""
+    return lookup("ripu_image_score", name, IMAGE_SCORES)
+
+
+def image_score(scores: torch.Tensor, values: np.ndarray, method: str = "mean", budget: float | None = None) -> float:
+    """One image's score from its window scores ``scores`` (H, W) and its top-k window ``values`` (k,).
+
+    ``mean``: the mean of ``scores``; ``budget``: the mean of the ``ceil(budget * H * W)`` largest
+    (at least one); ``topk``: the sum of ``values`` (see the module docstring).
+    """
+    method = check_image_score(method)
+    if method == "topk":
+        return float(np.sum(values))
+    flat = scores.detach().reshape(-1).double()  # (H*W,)
+    if method == "mean":
+        return float(flat.mean())
+    if budget is None:
+        raise ValueError("ripu_image_score=budget needs the region_budget")
+    n = min(flat.numel(), max(1, math.ceil(check_budget(budget) * flat.numel())))
+    return float(torch.topk(flat, n, sorted=False).values.mean())
+
+
+def summarize(proba: torch.Tensor, radius: int = 1, k: int = 3, image_score_method: str = "mean",
+              budget: float | None = None) -> RipuSummary:
+    """The window scores of ``proba`` (C, H, W), its ``k`` best non-overlapping windows and its
+    :func:`image_score` (``image_score_method``: mean, budget, topk; ``budget``: for ``budget``)."""
     if k < 1:
         raise ConfigError(f"topk_superpixel_score must be >= 1, got {k}")
-    centres, values = select_windows(region_scores(proba, radius), radius, k)
-    return RipuSummary(float(values.sum()), centres, values)
+    scores = region_scores(proba, radius)  # (H, W)
+    centres, values = select_windows(scores, radius, k)
+    return RipuSummary(image_score(scores, values, image_score_method, budget), centres, values)
 
 
 def window_mask(shape: tuple[int, int], centres: np.ndarray, radius: int) -> np.ndarray:
@@ -202,5 +246,5 @@ def budget_windows(scores: torch.Tensor, radius: int, budget: float) -> np.ndarr
     return lut[components]
 
 
-__all__ = ["RipuSummary", "budget_windows", "impurity", "region_scores", "select_windows", "summarize", "valid_count",
-           "window_mask", "window_sum"]
+__all__ = ["IMAGE_SCORES", "RipuSummary", "budget_windows", "check_image_score", "image_score", "impurity",
+           "region_scores", "select_windows", "summarize", "valid_count", "window_mask", "window_sum"]

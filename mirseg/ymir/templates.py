@@ -54,7 +54,7 @@ MINING: Template = [
     ("uncertainty_method", "BvSB", "RSAL per-pixel uncertainty: BvSB (second-best / best probability)"),
     ("max_superpixel_per_image", 1024, "RSAL: superpixels per image, at most"),
     ("max_kept_mining_image", 5000, "about how many images you will label; sets the pool-wide threshold"),
-    ("topk_superpixel_score", 3, "RSAL / RIPU: best regions that make an image's score"),
+    ("topk_superpixel_score", 3, "RSAL (and RIPU with ripu_image_score=topk): best regions that make an image's score"),
     ("class_balance", True, "RSAL: favour regions of rarely predicted classes"),
     ("ripu_region_radius", 1, "RIPU: regions are (2r+1)x(2r+1) windows"),
     ("fp16", True, "mixed precision on GPU (ignored on CPU)"),
