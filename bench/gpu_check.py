@@ -51,7 +51,8 @@ from torch import nn  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.loss import segmentation_loss  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
-from mirseg.predict import autocast_dtype, label_map, predict_batch, prepare_for_inference  # noqa: E402
+from mirseg.precision import autocast_dtype  # noqa: E402
+from mirseg.predict import label_map, predict_batch, prepare_for_inference  # noqa: E402
 
 # The original image's README (mmseg model zoo, Cityscapes 512x1024 configs, V100): Mem (GB) of training, fps
 # of inference on 1024x2048 images.

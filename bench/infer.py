@@ -43,7 +43,7 @@ from mirseg.exported import OnnxModule, onnx_predictor  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.infer import load_predictor, run_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
-from mirseg.predict import autocast_dtype  # noqa: E402
+from mirseg.precision import autocast_dtype  # noqa: E402
 
 
 def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:

@@ -1,17 +1,7 @@
-"""What every bench prints on its first line: the CPU model (the figures depend on it)."""
+"""What every bench prints on its first line: the CPU model (the figures depend on it); mirseg.machine reads it."""
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
+from mirseg.machine import cpu_model, native_bf16
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_model", "native_bf16"]

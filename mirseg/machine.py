@@ -1,0 +1,40 @@
+"""What the machine is, as far as speed depends on it: the CPU's model name and whether it has native bfloat16.
+
+Both are read once per process. The benches print :func:`cpu_model` on their first line, and
+:mod:`mirseg.layout` keys its cache of layout choices on it; :mod:`mirseg.precision` asks
+:func:`native_bf16` whether bf16 autocast pays on this CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what torch's cpuinfo or the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    name = str(torch.cpu.get_capabilities().get("cpu_name") or "")
+    return name or platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """True when this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm.
+
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not that test on x86: it is true on any AVX-512
+    CPU, where oneDNN emulates bf16 with fp32 instructions instead of computing it natively. The
+    instruction sets come from ``torch.cpu.get_capabilities()`` (cpuinfo).
+    """
+    caps = torch.cpu.get_capabilities()
+    has = caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16")  # x86, x86 AMX, Arm64
+    return bool(has and torch.backends.mkldnn.is_available())
