@@ -19,6 +19,16 @@ def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """The head's logits ``(N, K, h, w)`` resized to the input ``size``, in fp32 even under autocast.
+
+    CPU autocast runs bilinear upsampling in bf16 when its input is bf16; the label is the argmax of
+    these logits and the loss is taken on them, so they are computed in full precision (the cost: this
+    one resize writes 4 bytes a value instead of 2, and the callers' ``.float()`` has nothing left to do).
+    """
+    return resize(logits.float(), size)
+
+
 class ConvModule(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional ReLU; mmcv's ``ConvModule`` with a norm layer."""
 

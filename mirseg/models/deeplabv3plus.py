@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mirseg.models._blocks import ConvModule, DepthwiseSeparableConvModule, FCNHead, init_weights, resize
+from mirseg.models._blocks import (
+    ConvModule,
+    DepthwiseSeparableConvModule,
+    FCNHead,
+    init_weights,
+    resize,
+    upsample_logits,
+)
 from mirseg.models.resnet import ResNet
 
 # depth -> (head channels, c1 channels, aux head channels), from the mmseg configs.
@@ -116,7 +123,7 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         size = x.shape[2:]
         c1, _, c3, c4 = self.backbone(x)
-        out = {"out": resize(self.decode_head(c1, c4), size)}  # (N, num_classes, H, W)
+        out = {"out": upsample_logits(self.decode_head(c1, c4), size)}  # (N, num_classes, H, W) fp32
         if self.training:
-            out["aux"] = [resize(self.auxiliary_head(c3), size)]
+            out["aux"] = [upsample_logits(self.auxiliary_head(c3), size)]
         return out

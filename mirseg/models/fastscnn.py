@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mirseg.models._blocks import ConvModule, DepthwiseSeparableConvModule, FCNHead, init_weights, resize
+from mirseg.models._blocks import (
+    ConvModule,
+    DepthwiseSeparableConvModule,
+    FCNHead,
+    init_weights,
+    resize,
+    upsample_logits,
+)
 
 BN_MOMENTUM = 0.01  # the config's norm_cfg (SyncBN, momentum=0.01)
 
@@ -141,9 +148,9 @@ class FastSCNNBackbone(nn.Module):
 
 
 def _to_input_size(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Bilinear logits -> input size. The (N, K, H/8, W/8) map is made NCHW-contiguous first: on CPU the
+    """Bilinear logits -> input size, fp32. The (N, K, H/8, W/8) map is made NCHW-contiguous first: on CPU the
     channels-last upsampling kernel is ~20% slower, and this copy is 64x smaller than the output."""
-    return resize(logits.contiguous(), size)
+    return upsample_logits(logits.contiguous(), size)
 
 
 class FastSCNN(nn.Module):

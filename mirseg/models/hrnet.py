@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirseg.models._blocks import FCNHead, init_weights, resize
+from mirseg.models._blocks import FCNHead, init_weights, resize, upsample_logits
 
 WIDTHS = (18, 36, 72, 144)  # W18: branch widths at strides 4, 8, 16, 32
 
@@ -221,7 +221,8 @@ class HRNetFCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         feats = resize_concat(self.backbone(x))  # (N, 270, H/4, W/4)
-        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"out": resize(self.decode_head(feats), x.shape[-2:])}
+        logits = upsample_logits(self.decode_head(feats), x.shape[-2:])  # (N, K, H, W) fp32
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"out": logits}
         if self.training:
             out["aux"] = []
         return out

@@ -17,18 +17,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mirseg.models._blocks import ConvModule, FCNHead, init_weights, resize
+from mirseg.models._blocks import ConvModule, FCNHead, init_weights, upsample_logits
 from mirseg.models.hrnet import HRNetV2, resize_concat
+
+
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A block where autocast is off on ``x``'s device: the ops inside run in their inputs' dtype (cast to fp32)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def spatial_gather(feats: torch.Tensor, region_logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Class centres: each class's softmax over positions weights the pixel features.
 
     ``feats`` (N, C, H, W), ``region_logits`` (N, K, H, W) -> (N, C, K, 1), the layout mmseg feeds
-    to the key/value 1x1 convs (so their BatchNorm sees the same N*K samples in training).
+    to the key/value 1x1 convs (so their BatchNorm sees the same N*K samples in training). In fp32
+    under autocast: a softmax over H*W positions gives weights near 1/(H*W), and each centre sums H*W of them.
     """
-    probs = torch.softmax(scale * region_logits.flatten(2), dim=2)  # (N, K, H*W)
-    centres = torch.bmm(probs, feats.flatten(2).transpose(1, 2))  # (N, K, C)
+    with full_precision(feats):
+        probs = torch.softmax(scale * region_logits.flatten(2).float(), dim=2)  # (N, K, H*W)
+        centres = torch.bmm(probs, feats.flatten(2).transpose(1, 2).float())  # (N, K, C)
     return centres.transpose(1, 2).unsqueeze(3)  # (N, C, K, 1)
 
 
@@ -51,8 +58,9 @@ class ObjectAttentionBlock(nn.Module):
         query = self.query_project(feats).flatten(2).transpose(1, 2)  # (N, H*W, C'), no copy if channels_last
         key = self.key_project(centres).flatten(2)  # (N, C', K)
         value = self.value_project(centres).flatten(2).transpose(1, 2)  # (N, K, C')
-        sim = torch.bmm(query, key).mul_(self.channels**-0.5)  # (N, H*W, K), mmseg's matmul_norm
-        context = torch.bmm(sim.softmax(dim=-1), value)  # (N, H*W, C')
+        with full_precision(feats):  # the attention (~1% of the FLOPs) in fp32 under autocast, softmax included
+            sim = torch.bmm(query.float(), key.float()).mul_(self.channels**-0.5)  # (N, H*W, K), mmseg's matmul_norm
+            context = torch.bmm(sim.softmax(dim=-1), value.float())  # (N, H*W, C')
         # (N, C', H, W) as a view: channels_last strides, which the 1x1 conv takes as is
         context = self.out_project(context.transpose(1, 2).view(n, self.channels, h, w))  # (N, C, H, W)
         return self.bottleneck(torch.cat([context, feats], dim=1))
@@ -95,7 +103,7 @@ class OCRNet(nn.Module):
         # Not detached: as in mmseg, the OCR loss also trains the region head. (mmseg runs that head twice
         # in training, once per loss, with identical outputs; we run it once.)
         logits = self.decode_head[1](feats, regions)  # (N, K, H/4, W/4)
-        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"out": resize(logits, x.shape[-2:])}
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"out": upsample_logits(logits, x.shape[-2:])}
         if self.training:
-            out["aux"] = [resize(regions, x.shape[-2:])]
+            out["aux"] = [upsample_logits(regions, x.shape[-2:])]
         return out
