@@ -84,7 +84,8 @@ class TrainConfig:
     # -- runtime
     work_dir: str = "runs/train"  # checkpoints, config.yaml and TensorBoard logs go here
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision: fp16 on CUDA; bf16 on a bf16 CPU where faster (README: Speed on CPUs)
+    layout: Literal["auto", "channels_last", "contiguous"] = "auto"  # memory layout; auto: the fastest here, probed
     seed: int = 0  # seeds weights, data order and augmentation (reproducible on CPU)
     resume: bool = False  # continue from work_dir/last.pth with the same schedule
     log_interval: int = 50  # loss/lr: a log line, TensorBoard scalars and the NaN check every this many iterations
@@ -152,7 +153,8 @@ class InferConfig:
     workers_per_gpu: int = 2  # image-decoding worker processes
     threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = False  # autocast: fp16 on CUDA, bf16 on CPU; softmax stays fp32
+    amp: bool = False  # autocast: fp16 on CUDA, bf16 on a bf16 CPU where faster; softmax stays fp32
+    layout: Literal["auto", "channels_last", "contiguous"] = "auto"  # memory layout; auto: the fastest here, probed
     img_scale: tuple[int, int] | None = None  # (w, h) keep-ratio test scale; default: the checkpoint's
     test_mode: Literal["whole", "slide"] | None = None  # whole image or sliding window; default: the checkpoint's
     slide_crop: tuple[int, int] | None = None  # (h, w) sliding-window size; default: the checkpoint's
@@ -200,7 +202,8 @@ class MineConfig:
     workers_per_gpu: int = 2  # image-decoding worker processes
     threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
     fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)
-    bf16: bool = False  # autocast bf16 on CPU
+    bf16: bool = False  # autocast bf16 on a bf16 CPU where faster
+    layout: Literal["auto", "channels_last", "contiguous"] = "auto"  # memory layout; auto: the fastest here, probed
     img_scale: tuple[int, int] | None = None  # (w, h) working resolution; default: the checkpoint's test scale
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # random baseline and power sampling

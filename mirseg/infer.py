@@ -42,8 +42,10 @@ from mirseg.errors import ConfigError, Interrupted
 from mirseg.exported import onnx_predictor
 from mirseg.fileio import AtomicFile, write_atomic
 from mirseg.interrupt import signal_name
+from mirseg.layout import choose, forward_timer
 from mirseg.outputs import ImageOutputs, output_names
-from mirseg.predict import Predictor, autocast_dtype, load_predictor, predict_batch
+from mirseg.precision import autocast_dtype
+from mirseg.predict import Predictor, load_predictor, predict_batch
 from mirseg.threads import budgeted
 
 log = logging.getLogger("mirseg")
@@ -131,7 +133,21 @@ def _predict_batch(predictor: Predictor, items: list[_Loaded], flip: bool, dtype
     views = [torch.stack([it.views[v].to(predictor.device, non_blocking=True) for it in items])
              for v in range(len(items[0].views))]  # (B, 3, h_s, w_s) per scale
     return predict_batch(predictor.model, views, items[0].work_size, predictor.test_mode, predictor.slide_crop,
-                         predictor.slide_stride, flip=flip, dtype=dtype)
+                         predictor.slide_stride, flip=flip, dtype=dtype, memory_format=predictor.memory_format)
+
+
+def _tune(predictor: Predictor, work_size: tuple[int, int], layout: str,
+          dtype: torch.dtype | None) -> torch.dtype | None:
+    """Put the predictor's network in the layout :func:`mirseg.layout.choose` finds fastest for ``work_size`` (h, w)
+    (or the ``layout`` key's); returns the autocast dtype to use, ``dtype`` or, where fp32 was faster, None."""
+    if next(predictor.model.parameters(), None) is None:  # an ONNX session: no layout of ours to choose
+        return dtype
+    size = tuple(min(a, b) for a, b in zip(predictor.slide_crop, work_size)) if predictor.test_mode == "slide" \
+        else work_size  # what one pass of the network sees
+    choice = choose(predictor.arch, "infer", predictor.device, size, layout, dtype, forward_timer(predictor.model))
+    predictor.model.to(memory_format=choice.memory_format)
+    predictor.memory_format = choice.memory_format
+    return choice.dtype
 
 
 def iter_predictions(
@@ -141,6 +157,7 @@ def iter_predictions(
     samples_per_gpu: int = 2,
     workers_per_gpu: int = 2,
     amp: bool = False,
+    layout: str = "auto",
     flip: bool = False,
     scales: Sequence[float] = (),
     keep_image: bool = False,
@@ -154,7 +171,8 @@ def iter_predictions(
     first, the next, ...; an image waits for its batch at most until its group ends, so memory stays
     bounded), so a batch's members depend on the group alone, never on where the iteration started
     (:class:`mirseg.dist.Shards` hands whole groups to the processes of a torchrun run). Decoding runs
-    in ``workers_per_gpu`` processes (0: in this one). ``amp``: autocast (see :func:`autocast_dtype`).
+    in ``workers_per_gpu`` processes (0: in this one). ``amp``: autocast (:func:`mirseg.precision.autocast_dtype`);
+    ``layout``: the network's memory layout, ``auto`` chosen at the first batch (:mod:`mirseg.layout`).
     ``flip`` / ``scales`` (ratios of ``img_scale``, e.g. ``(0.75, 1.0, 1.25)``): test-time augmentation,
     probabilities averaged over every view at the working resolution. ``keep_image`` / ``keep_original``
     attach the working-size / decoded image.
@@ -184,9 +202,13 @@ def iter_predictions(
     done: dict[int, ImagePrediction] = {}  # finished, waiting for the earlier ones
     next_out = 0
 
+    tuned: list[torch.dtype | None] = []  # the autocast dtype, once the first batch has chosen the layout
+
     def run(key: tuple) -> None:
         items = buckets.pop(key)
-        proba = _predict_batch(predictor, items, flip, dtype)
+        if not tuned:
+            tuned.append(_tune(predictor, items[0].work_size, layout, dtype))
+        proba = _predict_batch(predictor, items, flip, tuned[0])
         for it, p in zip(items, proba):
             done[it.index] = ImagePrediction(it.index, it.path, it.size, p, it.image, None, it.original)
 
@@ -323,7 +345,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
         mine = [start + i for i in shards.indices()]
         with interrupt.graceful_stop("the images in flight") as stop:
             preds = iter_predictions(predictor, [paths[i] for i in mine], samples_per_gpu=cfg.samples_per_gpu,
-                                     workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, flip=cfg.flip,
+                                     workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, layout=cfg.layout, flip=cfg.flip,
                                      scales=cfg.scales, keep_original=cfg.save_overlay, stop=lambda: bool(stop))
             # Each image's outputs are written, then (rank 0) its journal line: a line on disk means the image is done.
             records = (_write_image(pred, names[mine[pred.index]], outputs, encode) for pred in preds)

@@ -283,8 +283,8 @@ def _summaries(miner: Miner, params: MiningParams, predictor: Predictor | None, 
         return
     assert miner.summarize is not None
     for pred in iter_predictions(predictor, paths, samples_per_gpu=cfg.samples_per_gpu,
-                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=miner.uses_image,
-                                 stop=lambda: bool(stop)):
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, layout=cfg.layout,
+                                 keep_image=miner.uses_image, stop=lambda: bool(stop)):
         yield pred.path, pred.error, None if pred.error else miner.summarize(pred.proba, pred.image, params)
 
 
@@ -330,8 +330,8 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None,
         preds: Iterable[ImagePrediction] = _originals([paths[i] for i in mine], stop)
     else:
         preds = iter_predictions(predictor, [paths[i] for i in mine], samples_per_gpu=cfg.samples_per_gpu,
-                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, keep_image=True, keep_original=True,
-                                 stop=lambda: bool(stop))
+                                 workers_per_gpu=cfg.workers_per_gpu, amp=amp, layout=cfg.layout, keep_image=True,
+                                 keep_original=True, stop=lambda: bool(stop))
     records = (_draw_mask(miner, params, cfg, pred, names[mine[pred.index]], chosen[mine[pred.index]], out_dir)
                for pred in preds)
     for done, rec in enumerate(shards.merge(records, lambda: stop.signum), start=start + 1):

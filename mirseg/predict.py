@@ -5,11 +5,13 @@ What training's evaluation, ``mirseg eval``, ``mirseg infer``, mining and export
 * :func:`predict_logits` / :func:`sliding_window`: logits of a normalised batch, whole image or
   mmseg's sliding window; :func:`predict_proba`: the softmax (always fp32) at a chosen size.
 * :func:`predict_batch`: probabilities at the working resolution of one batch seen at one or more
-  scales (and mirrored, for test-time augmentation), averaged; under autocast (:func:`autocast_dtype`).
+  scales (and mirrored, for test-time augmentation), averaged; under autocast
+  (:func:`mirseg.precision.autocast_dtype`) in the network's memory layout.
 * :func:`label_map`: the original-size label and confidence from those probabilities.
 * :func:`prepare_for_inference`: eval mode, BatchNorm folded, channels-last; :class:`Predictor`: such a
   network with the test scale and mode it predicts with (made by :func:`load_predictor` from a
-  checkpoint, :func:`mirseg.exported.onnx_predictor` from an ONNX export).
+  checkpoint, :func:`mirseg.exported.onnx_predictor` from an ONNX export). Which layout is fastest
+  on this machine, :func:`mirseg.infer.iter_predictions` asks :mod:`mirseg.layout` at the first batch.
 
 **Original-size results resize probabilities, not logits.** The working-resolution softmax is the
 one tensor that evaluation, inference, mining and the YMIR executor share, and test-time
@@ -21,8 +23,6 @@ class boundary falls inside a pixel.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,16 +39,15 @@ from mirseg.dist import pick_device
 from mirseg.errors import ConfigError
 from mirseg.models import build_model
 from mirseg.models._blocks import fuse_conv_bn
+from mirseg.precision import autocast
 from mirseg.presets import resolve_preset
-
-log = logging.getLogger("mirseg")
 
 
 @dataclass
 class Predictor:
     """A checkpoint's network ready to predict, with the test scale and mode it was evaluated with."""
 
-    model: nn.Module  # eval, BN folded, channels-last, on ``device``; returns {"out": logits (N, C, H, W)}
+    model: nn.Module  # eval, BN folded, in ``memory_format``, on ``device``; returns {"out": logits (N, C, H, W)}
     arch: str  # key of mirseg.models.MODELS
     class_names: list[str]  # the model's classes (background first when the model has one)
     ignore_blank_area: bool  # true: the model has no background class
@@ -57,6 +56,7 @@ class Predictor:
     slide_crop: tuple[int, int]  # (h, w)
     slide_stride: tuple[int, int]  # (h, w)
     device: torch.device
+    memory_format: torch.memory_format = torch.channels_last  # the network's and its inputs' (mirseg.layout)
 
     @property
     def background_index(self) -> int | None:
@@ -157,20 +157,6 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Mo
     return model
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` on ``device``: fp16 on CUDA, bf16 on a CPU with native bf16, else None."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu":
-        # Without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32: keep fp32 there.
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-        log.warning("amp: this CPU has no native bfloat16 support; running in fp32")
-    return None
-
-
 def predict_batch(
     model: nn.Module,
     views: Sequence[torch.Tensor],
@@ -181,21 +167,23 @@ def predict_batch(
     *,
     flip: bool = False,
     dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> torch.Tensor:
     """Probabilities ``(N, C, *size)`` fp32 of one batch, averaged over its views (scales) and, with ``flip``,
     their mirror images.
 
     ``views``: the normalised batch ``(N, 3, h_s, w_s)`` at each test scale, on the model's device (one view
-    without multi-scale augmentation). Each goes through :func:`predict_logits` (channels-last, autocast
-    ``dtype`` when given), then is resized to ``size`` (h, w), the working resolution, and softmaxed in fp32.
+    without multi-scale augmentation). Each goes through :func:`predict_logits` (in ``memory_format``, the
+    network's; autocast ``dtype`` when given), then is resized to ``size`` (h, w), the working resolution, and
+    softmaxed in fp32.
     """
     total: torch.Tensor | None = None
     count = 0
     with torch.no_grad():
         for x in views:
-            x = x.contiguous(memory_format=torch.channels_last)  # (N, 3, h_s, w_s)
+            x = x.contiguous(memory_format=memory_format)  # (N, 3, h_s, w_s)
             for flipped in (False, True) if flip else (False,):
-                with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                with autocast(x.device.type, dtype):
                     logits = predict_logits(model, x.flip(-1) if flipped else x, mode, crop_size,
                                             stride)  # (N, C, h_s, w_s) fp32
                 if flipped:
@@ -295,4 +283,5 @@ def load_predictor(
     model = prepare_for_inference(model.to(dev), channels_last=channels_last)
     return Predictor(model=model, arch=arch, class_names=class_names,
                      ignore_blank_area=bool(ckpt.get("ignore_blank_area", False)), img_scale=img_scale,
-                     test_mode=test_mode, slide_crop=slide_crop, slide_stride=slide_stride, device=dev)
+                     test_mode=test_mode, slide_crop=slide_crop, slide_stride=slide_stride, device=dev,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from mirseg import dist, interrupt, pretrained
+from mirseg import dist, interrupt, layout, pretrained
 from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from mirseg.config import TrainConfig, check_output_dirs, fit_scale, save_config, to_dict
 from mirseg.data.check import check_data, crop_padding_warning
@@ -130,8 +130,7 @@ def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> 
         return _train(cfg, progress, stop)
 
 
-def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
-           stop: interrupt.StopRequest) -> TrainResult:
+def _train(cfg: TrainConfig, progress: Callable[[float], None] | None, stop: interrupt.StopRequest) -> TrainResult:
     check_output_dirs(cfg)  # a work_dir that is a file fails before any work
     rt = dist.setup(cfg.device)
     torch.manual_seed(cfg.seed + rt.rank)
@@ -146,12 +145,13 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
     class_weight = _class_weight(cfg, data, rt)
     if cfg.resume:
         _resume(state, cfg, data.class_names, rt)
+    state.steps = layout.for_training(model, cfg.model, rt.device, cfg.crop_size, cfg.layout, cfg.amp, state.steps)
     if rt.distributed:
         state.model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index]
                                                           if rt.device.type == "cuda" else None)
     loader = _loader(data.train_set, cfg, rt, state.iteration)
     run = _open_logs(cfg, rt, data, state.iteration)
-    model, aux_weights = state.model, state.net.aux_weights
+    model, aux_weights, steps = state.model, state.net.aux_weights, state.steps
 
     last_metrics: dict[str, Any] = {}
     model.train()
@@ -161,9 +161,9 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None,
         batches = iter(loader)
     _stop_if_signalled(run, state, stop)  # a signal during the set-up
     for it, (images, labels) in enumerate(batches, start=state.iteration):
-        images = images.to(rt.device, non_blocking=True)  # pinned by the loader on CUDA: the copy is queued
+        images = images.to(rt.device, memory_format=steps.memory_format, non_blocking=True)  # pinned on CUDA: queued
         labels = labels.to(rt.device, non_blocking=True)
-        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
+        with steps.autocast(rt.device.type):  # fp16 on CUDA with amp (and the scaler), bf16 on a bf16 CPU, or fp32
             out = model(images)
         loss, parts = segmentation_loss(out, labels, aux_weights, class_weight)  # parts: tensors on the device
         state.optimizer.zero_grad(set_to_none=True)

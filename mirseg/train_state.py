@@ -1,11 +1,11 @@
 """What a training run carries from one iteration to the next, and its exact save and restore in ``last.pth``.
 
 :class:`TrainState` is the network, the optimiser, the schedule, the AMP loss scale, how far the run
-got and the best evaluation so far. :meth:`TrainState.resume_state` is what ``last.pth`` keeps
-besides the weights (with every process's random generators, gathered by :func:`rank_rng_states`),
-and :meth:`TrainState.restore` puts it all back, so a resumed run takes the steps an uninterrupted
-one takes (bit-exact on CPU). :class:`LossWindow` holds the loss values of the iterations since the loop
-last read them, on the device.
+got, the best evaluation so far and the steps' layout and precision. :meth:`TrainState.resume_state` is
+what ``last.pth`` keeps besides the weights (with every process's random generators, gathered by
+:func:`rank_rng_states`), and :meth:`TrainState.restore` puts it all back, so a resumed run takes the
+steps an uninterrupted one takes (bit-exact on CPU). :class:`LossWindow` holds the loss values of the
+iterations since the loop last read them, on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from mirseg import dist
+from mirseg.layout import Choice
 
 log = logging.getLogger("mirseg")
 
@@ -34,6 +35,7 @@ class TrainState:
     iteration: int = 0  # iterations done
     saved_at: int = 0  # the iteration last.pth holds (0: none yet)
     best: dict[str, Any] = field(default_factory=lambda: {"mIoU": -1.0, "iteration": 0, "metrics": {}})
+    steps: Choice | None = None  # the steps' memory layout and autocast dtype (mirseg.layout.for_training)
 
     @property
     def net(self) -> nn.Module:
@@ -50,7 +52,7 @@ class TrainState:
         if rank_rng is not None:  # under torchrun: each process's own state (dropout differs per process)
             rng["ranks"] = rank_rng
         out = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-               "best": self.best, "rng": rng}
+               "best": self.best, "rng": rng, "layout": self.steps.record() if self.steps else {}}
         if self.scaler.is_enabled():  # AMP loss scale: a resumed run must not re-learn it
             out["scaler"] = self.scaler.state_dict()
         return out
@@ -65,6 +67,7 @@ class TrainState:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = self.saved_at = ckpt["iteration"]
         self.best = ckpt.get("best") or self.best
+        self.steps = Choice.from_record(ckpt.get("layout"))  # kept by the resumed run: the same steps
         rng = ckpt["rng"]
         ranks = rng.get("ranks") or []
         own = ranks[rt.rank] if rt.distributed and len(ranks) == rt.world_size else None

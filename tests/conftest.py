@@ -25,20 +25,24 @@ PARITY = Path(__file__).resolve().parent / "data" / "parity"
 RUN_SLOW = os.environ.get("RUN_SLOW", "") not in ("", "0")
 IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 _WEIGHTS = pytest.StashKey[str]()
+_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Point pretrained=auto at an empty weights folder: weights a developer or the image has downloaded must not
-    change what the tests train (subprocesses inherit it; YMIR tasks read it before /weights)."""
+    change what the tests train (subprocesses inherit it; YMIR tasks read it before /weights). Likewise the layout
+    cache (mirseg.layout): the tests neither read nor write the developer's."""
     os.environ["MIRSEG_WEIGHTS"] = config.stash[_WEIGHTS] = tempfile.mkdtemp(prefix="mirseg-test-weights-")
+    os.environ["MIRSEG_CACHE"] = config.stash[_CACHE] = tempfile.mkdtemp(prefix="mirseg-test-cache-")
     if IN_WORKER:  # subprocesses the tests start inherit the one-thread rule
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _WEIGHTS in config.stash:
-        shutil.rmtree(config.stash[_WEIGHTS], ignore_errors=True)
+    for key in (_WEIGHTS, _CACHE):
+        if key in config.stash:
+            shutil.rmtree(config.stash[key], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

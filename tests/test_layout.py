@@ -24,9 +24,9 @@ PACKAGE = REPO / "mirseg"
 
 FLOORS: list[tuple[str, list[str]]] = [  # lowest first; a package name covers its modules, "mirseg" is __init__.py
     ("foundation", ["mirseg", "errors", "constants", "fileio", "coerce", "interrupt", "dist", "download",
-                    "visualize", "threads"]),
+                    "visualize", "threads", "machine", "precision"]),
     ("parts", ["presets", "config", "models", "data", "mining", "metrics", "checkpoint", "coco_result", "loss",
-               "train_state"]),
+               "layout", "train_state"]),
     ("shared by the jobs", ["predict", "outputs", "report", "exported", "pretrained_files", "pretrained"]),
     ("jobs", ["evaluate", "train", "infer", "mine", "export"]),
     ("platform", ["ymir"]),
