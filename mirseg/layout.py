@@ -1,8 +1,9 @@
 """The memory layout (and, with amp on a bf16 CPU, the precision) a network runs fastest in on this machine.
 
-oneDNN's fastest kernels differ from CPU to CPU: channels-last won for every network on the AMD EPYC
-the benchmarks were first run on, and lost for some on an Intel Xeon with AMX (issue 15). So
-``infer``, ``mine`` and ``train`` choose per machine, network and size, with the ``layout`` key:
+oneDNN's fastest kernels differ from CPU to CPU: channels-last everywhere won on the AMD EPYC the
+benchmarks were first run on, and was not the best for every network on an Intel Xeon with AMX
+(issue 15). So ``infer``, ``mine`` and ``train`` choose per machine, network and size, with the
+``layout`` key:
 
 - ``channels_last`` or ``contiguous`` (NCHW): used as given, in the precision ``amp`` gives;
 - ``auto`` (the default): on a GPU no probe (channels-last for inference, as cuDNN likes it, NCHW

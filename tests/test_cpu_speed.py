@@ -18,6 +18,7 @@ from torch import nn
 import mirseg.train
 from mirseg import layout, machine, precision
 from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
+from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
 from mirseg.data.synthetic import make_dataset
 from mirseg.errors import ConfigError
 from mirseg.infer import iter_predictions, load_predictor
@@ -110,6 +111,9 @@ def test_the_layout_key_a_gpu_a_tiny_input_or_a_resumed_run_are_not_probed(caplo
     assert never.calls == [] and not layout.cache_file().exists()
     with pytest.raises(ConfigError, match="layout must be one of auto, channels_last, contiguous, got 'nhwc'"):
         choose("fastscnn", "infer", CPU, (512, 512), "nhwc", None, never)
+    for cls in (TrainConfig, InferConfig, MineConfig):  # as a key (YAML, command line)
+        with pytest.raises(ConfigError, match="layout: 'nhwc' is not one of auto, channels_last, contiguous"):
+            build_config(cls, {"layout": "nhwc"})
 
 
 def test_a_broken_cache_is_probed_again_and_rewritten():

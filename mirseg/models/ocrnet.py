@@ -58,7 +58,7 @@ class ObjectAttentionBlock(nn.Module):
         query = self.query_project(feats).flatten(2).transpose(1, 2)  # (N, H*W, C'), no copy if channels_last
         key = self.key_project(centres).flatten(2)  # (N, C', K)
         value = self.value_project(centres).flatten(2).transpose(1, 2)  # (N, K, C')
-        with full_precision(feats):  # the attention (~1% of the FLOPs) in fp32 under autocast, softmax included
+        with full_precision(feats):  # the attention (<1% of the FLOPs) in fp32 under autocast, softmax included
             sim = torch.bmm(query.float(), key.float()).mul_(self.channels**-0.5)  # (N, H*W, K), mmseg's matmul_norm
             context = torch.bmm(sim.softmax(dim=-1), value.float())  # (N, H*W, C')
         # (N, C', H, W) as a view: channels_last strides, which the 1x1 conv takes as is
