@@ -1,12 +1,26 @@
-"""Speed of the eight networks on this machine: inference and one training step.
+"""Speed of the networks on this machine, side by side: inference and one training step, fp32 and bf16, NCHW
+and channels-last, against what the machine's matrix units can do.
 
-    python bench/models.py [--models fastscnn hrnet_w18s] [--repeat 5] [--threads 2]
+    python bench/models.py [--models fastscnn hrnet_w18s] [--size 512x1024] [--repeat 5] [--threads 2]
 
-For each architecture it prints parameter counts, GFLOP of one 1x3x512x1024 forward pass, the
-median inference time in fp32 as written (NCHW, BN unfolded), fp32 as mirseg runs it (BN folded,
-channels-last), bf16 autocast, the bf16/fp32 label agreement, and the median time of one training
-step (forward, losses, backward, SGD step) at batch 2, 3x512x512. Check the machine is idle first
-(`uptime`); the figures are medians of ``--repeat`` runs after one warm-up.
+The first line: the CPU model, the load average, torch and its threads, whether the CPU has native
+bf16 (AVX512-BF16 / AMX / Arm BF16: ``mirseg.machine.native_bf16``), and the median GFLOP/s of a
+``--gemm``-square (2048) matrix product in fp32 and in bf16: each network's figure below can be read
+as a share of that limit. Then one row per network:
+
+- params, GFLOP of one 1x3x``--size`` forward pass;
+- inference, ms per image at 1x3x``--size`` (default 512x1024), as ``mirseg infer`` runs the network
+  (eval, BatchNorm folded) in NCHW and in channels-last, in fp32 and under bf16 autocast, and the
+  best fp32 GFLOP/s with its share of the fp32 GEMM's;
+- the bf16/fp32 label agreement (argmax of the logits, channels-last);
+- one training step, seconds (batch 2, 3x``--train-size``, default 512x512: forward, the training
+  loop's loss ``mirseg.loss.segmentation_loss`` with the auxiliary heads, backward, SGD with
+  momentum and weight decay), in NCHW and channels-last, fp32 and bf16.
+
+On a CPU without native bf16 the bf16 columns are emulated by oneDNN (several times slower than fp32, so
+not what ``amp`` runs: see README "Speed on CPUs"); ``--no-emulated-bf16`` leaves them out there. Every
+figure is the median of ``--repeat`` runs after one warm-up (training: ``max(repeat // 2, 2)``). Check the
+machine is idle first (``uptime``; the load average is printed at the start and the end).
 """
 
 from __future__ import annotations
@@ -17,28 +31,43 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, native_bf16  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.constants import IGNORE_INDEX  # noqa: E402
+from mirseg.loss import segmentation_loss  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
+from mirseg.precision import DTYPE_NAMES, autocast  # noqa: E402
 from mirseg.predict import prepare_for_inference  # noqa: E402
 
+LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm-up: oneDNN picks and caches kernels on the first call
+
+def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
+    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up (oneDNN makes its kernels on the first)."""
+    fn()
+    sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def gemm_gflops(n: int, dtype: torch.dtype, device: torch.device, repeat: int, sync: Callable[[], None]) -> float:
+    """GFLOP/s of an n x n by n x n matrix product in ``dtype`` (2 n^3 FLOP)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    return 2 * n**3 / median_time(lambda: torch.mm(a, b), repeat, sync) / 1e9
 
 
 def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -48,75 +77,118 @@ def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def train_step_time(name: str, repeat: int, device: torch.device) -> float:
+def infer_times(model: torch.nn.Module, x: torch.Tensor, dtypes: list, repeat: int,
+                sync: Callable[[], None]) -> tuple[dict, float]:
+    """{(layout, dtype): seconds per image} of the prepared ``model``, and the bf16/fp32 label agreement."""
+    fast = prepare_for_inference(copy.deepcopy(model), channels_last=False)
+    times, labels = {}, {}
+    for name, fmt in LAYOUTS.items():
+        fast.to(memory_format=fmt)
+        xf = x.contiguous(memory_format=fmt)
+        for dtype in dtypes:
+            def run(dtype=dtype, xf=xf):
+                with torch.inference_mode(), autocast(x.device.type, dtype):
+                    return fast(xf)["out"]
+            times[name, dtype] = median_time(run, repeat, sync)
+            if name == "CL":
+                labels[dtype] = run().float().argmax(1)
+    agree = (labels[torch.bfloat16] == labels[None]).float().mean().item() if torch.bfloat16 in labels else None
+    return times, agree
+
+
+def train_step_time(name: str, fmt: torch.memory_format, dtype: torch.dtype | None, size: tuple[int, int],
+                    repeat: int, device: torch.device, sync: Callable[[], None]) -> float:
+    """Median seconds of one training step of a fresh ``name`` (19 classes) at batch 2 of ``size`` (h, w)."""
     torch.manual_seed(0)
-    model = build_model(name, 19).to(device).train()
+    model = build_model(name, 19).to(device).train().to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(2, 3, 512, 512, device=device)
-    y = torch.randint(0, 19, (2, 512, 512), device=device)
+    x = torch.randn(2, 3, *size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 19, (2, *size), device=device)
     y[:, :8] = IGNORE_INDEX
 
     def step() -> None:
-        out = model(x)
-        loss = F.cross_entropy(out["out"], y, ignore_index=IGNORE_INDEX)
-        for w, aux in zip(model.aux_weights, out["aux"]):
-            loss = loss + w * F.cross_entropy(aux, y, ignore_index=IGNORE_INDEX)
+        with autocast(device.type, dtype):
+            out = model(x)
+        loss, _ = segmentation_loss(out, y, model.aux_weights)  # fp32, as the training loop takes it
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    return median_time(step, repeat)
+    return median_time(step, max(repeat // 2, 2), sync)
+
+
+def pair(text: str) -> tuple[int, int]:
+    h, w = (int(v) for v in text.lower().split("x"))
+    return h, w
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def fmt_s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--size", type=pair, default=(512, 1024), help="inference input HxW (default 512x1024)")
+    parser.add_argument("--train-size", type=pair, default=(512, 512), help="training crop HxW (default 512x512)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--gemm", type=int, default=2048, help="side of the square GEMM of the first line")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step timings")
+    parser.add_argument("--no-emulated-bf16", action="store_true",
+                        help="on a CPU without native bf16, leave the bf16 columns out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    bf16_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    print(f"# {cpu_model()}, torch {torch.__version__}, device {device}, "
-          f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print("# inference: 1x3x512x1024, median of", args.repeat, "runs; train step: batch 2, 3x512x512")
-    header = ("network", "params (M)", "GFLOP", "fp32 plain s", "fp32 fused+CL s", "GFLOP/s",
-              f"{str(bf16_dtype).split('.')[-1]} s", "label agree", "train step s")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    half = torch.bfloat16 if device.type == "cpu" else torch.float16
+    half_name = DTYPE_NAMES[half]
+    native = device.type != "cpu" or native_bf16()
+    dtypes = [None] + ([half] if native or not args.no_emulated_bf16 else [])
+    g32 = gemm_gflops(args.gemm, torch.float32, device, args.repeat, sync)
+    # Emulated bf16 GEMMs run at a few GFLOP/s: a smaller one, once, says as much.
+    n16 = args.gemm if native else min(args.gemm, 1024)
+    g16 = gemm_gflops(n16, half, device, args.repeat if native else 1, sync)
+    print(f"# {cpu_model()}, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}, device {device}, "
+          f"{args.threads} threads, native bf16 {'yes' if native_bf16() else 'no'}; GEMM: {args.gemm}^2 fp32 "
+          f"{g32:.0f} GFLOP/s, {n16}^2 {half_name}{'' if native else ' (emulated)'} {g16:.0f} GFLOP/s", flush=True)
+    h, w = args.size
+    th, tw = args.train_size
+    emulated = "" if native else " left out (no native bf16)" if args.no_emulated_bf16 else " emulated (no native bf16)"
+    print(f"# inference: 1x3x{h}x{w}, BN folded, ms per image; train step: batch 2, 3x{th}x{tw}, s; medians of "
+          f"{args.repeat} runs; {half_name} columns{emulated}")
+    header = ["network", "params (M)", "GFLOP", "fp32 NCHW", "fp32 CL", f"{half_name} NCHW", f"{half_name} CL",
+              "best fp32 GFLOP/s (% GEMM)", "label agree", "train fp32 NCHW", "train fp32 CL",
+              f"train {half_name} NCHW", f"train {half_name} CL"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(name, 19).eval().to(device)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        x = torch.randn(1, 3, 512, 1024, device=device)
+        x = torch.randn(1, 3, h, w, device=device)
         flops = gflop(model, x)
-
-        def run(m, inp, dtype=None):
-            def fn():
-                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = m(inp)["out"]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return out
-            return fn
-
-        t_plain = median_time(run(model, x), args.repeat)
-        fast = prepare_for_inference(copy.deepcopy(model), channels_last=True)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        t_fast = median_time(run(fast, x_cl), args.repeat)
-        t_half = median_time(run(fast, x_cl, bf16_dtype), args.repeat)
-        ref = run(fast, x_cl)().argmax(1)
-        agree = (run(fast, x_cl, bf16_dtype)().float().argmax(1) == ref).float().mean().item()
-        t_train = float("nan") if args.no_train else train_step_time(name, max(args.repeat // 2, 2), device)
-        row = (name, f"{params:.2f}", f"{flops:.1f}", f"{t_plain:.3f}", f"{t_fast:.3f}", f"{flops / t_fast:.0f}",
-               f"{t_half:.3f}", f"{agree:.4f}", f"{t_train:.2f}")
+        times, agree = infer_times(model, x, dtypes, args.repeat, sync)
+        best32 = min(times["NCHW", None], times["CL", None])
+        train = {}
+        for lay, fmt in LAYOUTS.items():
+            for dtype in dtypes:
+                train[lay, dtype] = None if args.no_train else \
+                    train_step_time(name, fmt, dtype, args.train_size, args.repeat, device, sync)
+        row = [name, f"{params:.2f}", f"{flops:.1f}", fmt_ms(times["NCHW", None]), fmt_ms(times["CL", None]),
+               fmt_ms(times.get(("NCHW", half))), fmt_ms(times.get(("CL", half))),
+               f"{flops / best32:.0f} ({100 * flops / best32 / g32:.0f} %)",
+               "n/a" if agree is None else f"{agree:.4f}",
+               fmt_s(train["NCHW", None]), fmt_s(train["CL", None]), fmt_s(train.get(("NCHW", half))),
+               fmt_s(train.get(("CL", half)))]
         print("| " + " | ".join(row) + " |", flush=True)
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
