@@ -6,6 +6,8 @@ Every model takes a normalised image batch ``(N, 3, H, W)`` of any size and retu
 * ``"aux"``: in train mode only, a list of auxiliary logits, each ``(N, num_classes, H, W)``,
   whose loss weights are ``model.aux_weights`` (same order, values from the mmseg configs).
 
+Both are fp32 even under autocast (``_blocks.upsample_logits``), and so is OCRNet's attention.
+
 Models hold no loss. Their ``state_dict()`` keys, shapes and order are mmsegmentation's, so a
 model-zoo checkpoint loads with ``strict=True`` (see ``tests/test_parity.py``).
 """
