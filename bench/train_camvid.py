@@ -1,7 +1,7 @@
 """Train presets on CamVid for a fixed budget on this machine; print val mIoU and time per iteration.
 
     python bench/train_camvid.py [--models fastscnn hrnet_w18s] [--iters 1000] [--layout coco|labels]
-                                 [--camvid ../shared/data/camvid]
+                                 [--camvid ../shared/data/camvid] [--set amp=false layout=contiguous ...]
 
 CamVid (480x360, 11 classes, void = 255) is read either as COCO JSON (``--layout coco``; void is
 left unannotated, so ``ignore_blank_area=true`` ignores it) or as label PNGs (``--layout labels``).
@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from mirseg.coerce import parse_overrides  # noqa: E402
 from mirseg.config import TrainConfig, build_config  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
@@ -37,11 +38,14 @@ def main() -> None:
     parser.add_argument("--layout", choices=["coco", "labels"], default="coco")
     parser.add_argument("--camvid", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more TrainConfig keys, e.g. amp=false (fp32) or layout=channels_last")
     args = parser.parse_args()
     root = Path(args.camvid)
     if not (root / "train.json").is_file():
         sys.exit(f"CamVid not found at {root}; pass --camvid")
-    print(f"# load average {os.getloadavg()[0]:.2f}, {args.iters} iterations of batch {args.batch}, {args.layout}")
+    print(f"# load average {os.getloadavg()[0]:.2f}, {args.iters} iterations of batch {args.batch}, {args.layout}"
+          + (f", {' '.join(args.set)}" if args.set else ""))
     print("| preset | val mIoU | val mAcc | val aAcc | s/iter |")
     print("|---|---|---|---|---|")
     for name in args.models:
@@ -53,10 +57,10 @@ def main() -> None:
                             ignore_blank_area=True)
             else:
                 data.update(train_labels=str(root / "labels" / "train"), val_labels=str(root / "labels" / "val"))
-            cfg = build_config(TrainConfig, dict(
+            cfg = build_config(TrainConfig, {**dict(
                 data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
                 workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
-                work_dir=work, log_interval=max(args.iters // 20, 1)))
+                work_dir=work, log_interval=max(args.iters // 20, 1)), **parse_overrides(args.set)})
             t0 = time.perf_counter()
             result = train(cfg)
             per_iter = (time.perf_counter() - t0) / args.iters
