@@ -228,6 +228,16 @@ def test_monitor_follows_the_sdk_weights_and_never_goes_back(tmp_path):
     assert lines[0].split("\t")[3:] == ["4", "300004"] and lines[1] == "boom"
 
 
+def test_monitor_takes_over_the_percent_rank_0_wrote(tmp_path):
+    ours = Monitor(tmp_path / "monitor.txt", "t1", min_interval=0.0)
+    ours.update(PREPROCESS, 1.0)
+    rank0 = Monitor(tmp_path / "monitor.txt", "t1", min_interval=0.0)  # the group's rank 0, same file
+    rank0.update(TASK, 0.4)
+    ours.adopt()
+    ours.error(300004, "process 1 of 2: ended without a report")
+    assert float(_fields(ours)[2]) == pytest.approx(0.4, abs=1e-3) and _fields(ours)[3] == "4"
+
+
 def test_monitor_is_rate_limited(tmp_path):
     m = Monitor(tmp_path / "monitor.txt", "t1", min_interval=3600)
     m.update(TASK, 0.1, force=True)

@@ -70,9 +70,10 @@ def run_job(kind: str, cfg: Any, processes: int, monitor: Monitor, visible: str 
         if failure is None:
             return pickle.loads((folder / "result.pickle").read_bytes())  # our own process's file, in our temp dir
         if group.signum is not None and failure.kind != "error":
-            stopped = group.reports.get(0)
-            detail = stopped.message if stopped is not None and stopped.kind == "interrupted" else "the group stopped"
-            raise Interrupted(f"interrupted by {interrupt.signal_name(group.signum)}: {detail}", group.signum)
+            stopped = group.reports.get(0)  # rank 0's line says where it stopped and what it saved
+            message = (stopped.message if stopped is not None and stopped.kind == "interrupted" and stopped.message
+                       else f"interrupted by {interrupt.signal_name(group.signum)}: the {processes} processes stopped")
+            raise Interrupted(message, group.signum)
         raise YmirError(f"{kind} on {processes} processes failed: {group.describe()}", failure.code or CODE_MODEL)
 
 
