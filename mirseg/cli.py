@@ -4,6 +4,9 @@ Errors: a :class:`mirseg.errors.MirsegError` (bad key, missing file, malformed d
 message alone and the command exits with ``EXIT_ERROR`` (2); ``Interrupted`` exits 130/143; CUDA
 running out of memory is one line naming the keys to lower (exit 2). Any other exception is a bug
 and keeps its traceback (exit 1).
+
+``train``, ``infer`` and ``mine`` take ``--gpus N``: the command checks its config, then runs itself again in
+N processes of its own torchrun group (:mod:`mirseg.launch`) and exits as the group's first failure did.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import os
 import re
 import sys
 
-from mirseg import __version__
+from mirseg import __version__, launch
 from mirseg.coerce import field_help, parse_overrides
 from mirseg.config import InferConfig, MineConfig, TrainConfig, eval_config, load_config
-from mirseg.errors import EXIT_ERROR, ConfigError, Interrupted, MirsegError
+from mirseg.errors import EXIT_ERROR, EXIT_FAILED, ConfigError, Interrupted, MirsegError
 from mirseg.presets import MMSEG_CONFIGS, PRESETS
 
 # Each command imports its module (and with it torch, ~3 s) inside its function, so that `mirseg --help`,
@@ -155,6 +158,50 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+JOB_CONFIGS = {"infer": InferConfig, "mine": MineConfig}
+
+
+def _gpus_flag(word: str) -> bool:
+    """``--gpus`` as argparse reads it: the flag, ``--gpus=N``, or an abbreviation (``--gpu``)."""
+    name = word.partition("=")[0]
+    return len(name) >= 3 and "--gpus".startswith(name)
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--gpus N`` (the command the group's processes run)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif _gpus_flag(word):
+            skip = "=" not in word
+        else:
+            out.append(word)
+    return out
+
+
+def _launch_group(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--gpus N``: check the config and the GPUs here (one message, not N), then run the command without
+    ``--gpus`` in N torchrun processes; their first real failure's exit code is the command's."""
+    from mirseg import dist
+
+    if launch.REPORTS_ENV in os.environ or "WORLD_SIZE" in os.environ:
+        raise ConfigError("--gpus starts a torchrun group of its own: under torchrun leave it out (torchrun's "
+                          "--nproc_per_node sets the processes)")
+    if args.command == "train":
+        _train_config(args)
+    else:
+        _job_config(JOB_CONFIGS[args.command], args)
+    dist.check_processes(args.gpus)
+    dist.timeout()  # a bad MIRSEG_DIST_TIMEOUT fails here, once
+    cmd = launch.torchrun_command(args.gpus, "mirseg", _without_gpus(argv))
+    log.info("mirseg %s on %d processes: %s", args.command, args.gpus, " ".join(cmd))
+    group = launch.run_group(cmd, args.gpus)
+    if group.exit_code:
+        log.error("mirseg %s --gpus %d: %s", args.command, args.gpus, group.describe())
+    return group.exit_code
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from mirseg.export import export
 
@@ -199,7 +246,14 @@ def _add_job_parser(sub: argparse._SubParsersAction, name: str, cls: type, func,
     p.add_argument("images", help="image folder, glob pattern in quotes, or a text file listing image paths")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys (see below)")
     p.add_argument("--config", help="YAML file of configuration keys; key=value arguments override it")
+    _add_gpus(p)
     p.set_defaults(func=func)
+
+
+def _add_gpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="run in N processes, one per GPU, started with torchrun (without CUDA: N CPU processes, "
+                        "gloo); for several machines run torchrun yourself (README)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration keys, override the file")
     p.add_argument("--resume", action="store_true", help="continue work_dir/last.pth with the same schedule")
     p.add_argument("--weights", help="initial weights: mirseg or mmseg checkpoint, or a state dict")
+    _add_gpus(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -312,19 +367,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "eval") and args.config and _is_override(args.config):
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    launch.announce()  # in a process of a `--gpus` group: its launcher watches it (elsewhere nothing)
     try:
-        return args.func(args)
+        if getattr(args, "gpus", None) is not None and args.gpus != 1:
+            return _launch_group(args, argv)
+        code = args.func(args)
     except Interrupted as exc:  # stopped by SIGINT/SIGTERM after saving what it had
         log.error("%s", exc)
+        launch.report("interrupted", exc.exit_code, str(exc))
         return exc.exit_code
     except MirsegError as exc:  # the user's to fix: the message says what and how, a traceback would bury it
         log.error("%s", exc)
+        launch.report("error", EXIT_ERROR, str(exc))
         return EXIT_ERROR
     except Exception as exc:
         if _cuda_oom(exc):
             log.error("%s", _oom_message(args.command, exc))
+            launch.report("error", EXIT_ERROR, _oom_message(args.command, exc))
             return EXIT_ERROR
+        launch.report(launch.failure_kind(exc), EXIT_FAILED, f"{type(exc).__name__}: {exc}")
         raise  # a bug or an environment failure: the traceback is what a report needs
+    launch.report("ok" if code == 0 else "error", code)
+    return code
 
 
 if __name__ == "__main__":

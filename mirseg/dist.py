@@ -15,6 +15,7 @@ sharded under torchrun and still produce one process's result:
 from __future__ import annotations
 
 import atexit
+import datetime
 import itertools
 import os
 import pickle
@@ -29,6 +30,11 @@ import torch.distributed as torch_dist
 from mirseg.errors import ConfigError, MirsegError
 
 T = TypeVar("T")
+
+TIMEOUT_ENV = "MIRSEG_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
+"""Seconds a collective waits for the other processes (torch's own default): rank 0 alone writes checkpoints,
+the mining ranking and the report meanwhile, which on a large pool takes minutes."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,39 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for the other processes before it fails: ``$MIRSEG_DIST_TIMEOUT`` seconds,
+    default :data:`DEFAULT_TIMEOUT`. A process that hangs (rather than dies: that fails its peers' collectives
+    at once) then fails the others within this time, and torchrun stops the group."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds: set it to a number > 0, e.g. 600 "
+                          f"(unset: {DEFAULT_TIMEOUT:.0f})")
+    return datetime.timedelta(seconds=seconds)
+
+
+def check_processes(nproc: int) -> None:
+    """``--gpus N``: one process per GPU where CUDA is (at most the GPUs this process sees); any N of CPU
+    processes (gloo) where it is not."""
+    if nproc < 1:
+        raise ConfigError(f"--gpus must be 1 or more, got {nproc}")
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen and nproc > seen:
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else ""
+        raise ConfigError(f"--gpus {nproc} asks for {nproc} GPUs, but this machine shows {seen}{where}: give --gpus "
+                          f"{seen} or fewer")
+
+
 def setup(device: str = "auto") -> Runtime:
-    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); NCCL on GPU, gloo on CPU."""
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); NCCL on GPU, gloo on CPU; collectives
+    time out after :func:`timeout`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,7 +109,7 @@ def setup(device: str = "auto") -> Runtime:
     if world > 1 and not torch_dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout())
         # A group still alive when the interpreter ends can abort the process in its C++ destructor
         # ("terminate called without an active exception", exit -6): jobs that do not tear it down
         # themselves (infer, mine: a caller may run several in one group) leave it to exit time.

@@ -72,7 +72,7 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def _handlers(handler: Any) -> Iterator[bool]:
+def signal_handlers(handler: Any) -> Iterator[bool]:
     """Install ``handler`` for SIGINT and SIGTERM inside the block; yields whether it could (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield False
@@ -110,7 +110,7 @@ def graceful_stop(doing: str = "the current step") -> Iterator[StopRequest]:
             log.warning("%s received: finishing %s, then stopping; %s", name, doing,
                         "send it again to stop at once" if abort_on_repeat else "torchrun stops the workers")
 
-    with _handlers(handler):
+    with signal_handlers(handler):
         yield stop
 
 
@@ -123,7 +123,7 @@ def raise_on_signals() -> Iterator[None]:
         if os.getpid() == owner:
             raise Interrupted(f"stopped by {signal_name(signum)}", signum)
 
-    with _handlers(handler):
+    with signal_handlers(handler):
         yield
 
 

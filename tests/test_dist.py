@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -321,6 +322,25 @@ def test_torchrun_infer_and_mine_write_the_files_of_one_process(trained_fastscnn
         assert proc.returncode == 0, err[-3000:]
         assert len(out.strip().splitlines()) == 1, out  # one summary line, from rank 0
         assert _tree(tmp_path / name / "two") == _tree(tmp_path / name / "one"), name
+
+
+@pytest.mark.slow  # two launches of a torchrun group (~20 s)
+def test_gpus_2_infer_writes_the_files_of_one_process_and_exits_as_they_do(trained_fastscnn, pool, infer_reference,
+                                                                          tmp_path):
+    """`mirseg infer --gpus 2` on a machine without CUDA: two CPU processes (gloo) started by the command itself;
+    a failure of theirs is the command's exit code (2 for a missing checkpoint), not torchrun's 1."""
+    base = [sys.executable, "-m", "mirseg", "infer", str(trained_fastscnn[0]), str(pool), *_keys(INFER)]
+    proc = subprocess.run([*base, f"out_dir={tmp_path / 'two'}", "--gpus", "2"], capture_output=True, text=True,
+                          env=CHILD_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cpu x 2 processes" in proc.stderr and len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    assert _tree(tmp_path / "two") == infer_reference
+    missing = [*base, f"out_dir={tmp_path / 'none'}", "--gpus=2"]
+    missing[4] = str(tmp_path / "no.pth")
+    proc = subprocess.run(missing, capture_output=True, text=True, env=CHILD_ENV, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(r"infer --gpus 2: process [01] of 2: checkpoint \S+no.pth does not exist", proc.stderr), \
+        proc.stderr[-3000:]  # the first of the two to fail
 
 
 @pytest.mark.slow  # a torchrun launch and a resume (~10 s)

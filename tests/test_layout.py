@@ -24,7 +24,7 @@ PACKAGE = REPO / "mirseg"
 
 FLOORS: list[tuple[str, list[str]]] = [  # lowest first; a package name covers its modules, "mirseg" is __init__.py
     ("foundation", ["mirseg", "errors", "constants", "fileio", "coerce", "interrupt", "dist", "download",
-                    "visualize", "threads", "machine", "precision"]),
+                    "visualize", "threads", "machine", "precision", "launch"]),
     ("parts", ["presets", "config", "models", "data", "mining", "metrics", "checkpoint", "coco_result", "loss",
                "layout", "train_state"]),
     ("shared by the jobs", ["predict", "outputs", "report", "exported", "pretrained_files", "pretrained"]),
@@ -48,7 +48,7 @@ DEFERRED: dict[str, str] = {
 # mirseg/cli.py imports each command's module inside the command: they import torch (~3 s), and
 # `mirseg --help`, a usage error or a bad key must answer at once (test_cli_imports_no_torch_at_start).
 CLI_COMMANDS = {"mirseg.train", "mirseg.evaluate", "mirseg.infer", "mirseg.mine", "mirseg.export", "mirseg.demo",
-                "mirseg.pretrained", "mirseg.checkpoint", "mirseg.models", "mirseg.ymir.executor"}
+                "mirseg.pretrained", "mirseg.checkpoint", "mirseg.models", "mirseg.ymir.executor", "mirseg.dist"}
 
 
 def _name(path: Path) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -18,8 +21,8 @@ from pycocotools.coco import COCO
 from mirseg.data.synthetic import make_dataset
 from mirseg.ymir import templates
 from mirseg.ymir.executor import main as ymir_main
-from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, read_env, write_training_result
-from mirseg.ymir.taskconfig import read_task_config, task_device
+from mirseg.ymir.protocol import POSTPROCESS, PREPROCESS, TASK, Monitor, YmirError, read_env, write_training_result
+from mirseg.ymir.taskconfig import CPU_FALLBACK_ENV, read_task_config, task_device, visible_devices
 from mirseg.ymir.training import training_config
 from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
@@ -56,9 +59,9 @@ TRAIN_CONFIG = {"max_iters": 120, "interval": 60, "samples_per_gpu": 4, "workers
                 "args_options": "--seed 3"}
 
 
-def _run(env: Path) -> subprocess.CompletedProcess:
+def _run(env: Path, **variables: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mirseg.ymir", "--env", str(env)], capture_output=True, text=True,
-                          cwd=env.parent, timeout=600)
+                          cwd=env.parent, timeout=600, env={**os.environ, **variables})
 
 
 def _monitor(root: Path) -> list[str]:
@@ -79,6 +82,11 @@ def trained(tmp_path_factory):
 
 def test_training_writes_what_the_platform_reads(trained):
     task, proc, _, _ = trained
+    _check_training(task, proc, min_miou=0.3)  # it learned something in 120 iterations
+
+
+def _check_training(task: Path, proc: subprocess.CompletedProcess, min_miou: float) -> None:
+    """What the platform reads of a training task with TRAIN_CONFIG's keys (any max_iters, max_keep_ckpts 1)."""
     out = task / "out"
     result = yaml.safe_load((out / "models" / "result.yaml").read_text())
     assert result["object_type"] == 3
@@ -90,7 +98,7 @@ def test_training_writes_what_the_platform_reads(trained):
             assert type(stage[key]) is float and 0.0 <= stage[key] <= 1.0
         for f in stage["files"]:
             assert "/" not in f and (out / "models" / f).is_file()
-    assert result["model_stages"]["best"]["mIoU"] > 0.3  # it learned something in 120 iterations
+    assert result["model_stages"]["best"]["mIoU"] > min_miou
     # Rotation kept one iteration checkpoint but never a file a stage names.
     assert len(list((out / "models").glob("iter_*.pth"))) == 1
     saved = yaml.safe_load((out / "models" / "config.yaml").read_text())
@@ -114,14 +122,24 @@ def test_training_model_has_every_class_even_one_only_val_has(trained):
 
 
 def test_mining_and_infer_on_the_trained_model(trained, tmp_path):
+    env = _prediction_task(trained, tmp_path)
+    proc = _run(env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_prediction(tmp_path)
+
+
+def _prediction_task(trained, root: Path, **config) -> Path:
+    """The mining and inference task of the trained model on 4 val images, a train image and the empty one."""
     task, _, images, val_names = trained
     models = task / "out" / "models"
     candidates = [images / n for n in val_names] + [images / "img_0000.png", images / "empty.png"]
-    env = inference_workspace(tmp_path, [models / "best.pth", models / "config.yaml"], candidates, CLASSES,
-                              config={"samples_per_gpu": "2", "workers_per_gpu": 0, "mining_algorithm": "RSAL",
-                                      "max_superpixel_per_image": 64, "fp16": "True"})
-    proc = _run(env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return inference_workspace(root, [models / "best.pth", models / "config.yaml"], candidates, CLASSES,
+                               config={"samples_per_gpu": "2", "workers_per_gpu": 0, "mining_algorithm": "RSAL",
+                                       "max_superpixel_per_image": 64, "fp16": "True", **config})
+
+
+def _check_prediction(tmp_path: Path) -> None:
+    """What the platform reads of the mining and inference task under ``tmp_path``."""
     index = (tmp_path / "in" / "candidate-index.tsv").read_text().split()
     # result.tsv: every candidate once, as the index wrote it, best first.
     rows = [line.split("\t") for line in (tmp_path / "out" / "result.tsv").read_text().splitlines()]
@@ -210,6 +228,16 @@ def test_monitor_follows_the_sdk_weights_and_never_goes_back(tmp_path):
     assert lines[0].split("\t")[3:] == ["4", "300004"] and lines[1] == "boom"
 
 
+def test_monitor_takes_over_the_percent_rank_0_wrote(tmp_path):
+    ours = Monitor(tmp_path / "monitor.txt", "t1", min_interval=0.0)
+    ours.update(PREPROCESS, 1.0)
+    rank0 = Monitor(tmp_path / "monitor.txt", "t1", min_interval=0.0)  # the group's rank 0, same file
+    rank0.update(TASK, 0.4)
+    ours.adopt()
+    ours.error(300004, "process 1 of 2: ended without a report")
+    assert float(_fields(ours)[2]) == pytest.approx(0.4, abs=1e-3) and _fields(ours)[3] == "4"
+
+
 def test_monitor_is_rate_limited(tmp_path):
     m = Monitor(tmp_path / "monitor.txt", "t1", min_interval=3600)
     m.update(TASK, 0.1, force=True)
@@ -282,3 +310,117 @@ def test_a_task_sets_the_threads_as_a_key_or_in_cfg_options(tmp_path):
         env = read_env(training_workspace(tmp_path / f"task{i}", coco, images, val_names, CLASSES, config))
         cfg, _, _ = training_config(env, read_task_config(env, "training"))
         assert cfg.threads == (3 if i == 0 else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks on several GPUs: here two CPU processes (gloo), as MIRSEG_YMIR_CPU_FALLBACK allows without CUDA
+
+TWO = {"gpu_count": 2, "gpu_id": "0,1"}
+FALLBACK = {CPU_FALLBACK_ENV: "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_gpus_without_cuda_are_cpu_processes_only_when_allowed(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv(CPU_FALLBACK_ENV, raising=False)
+    with pytest.raises(YmirError, match="CUDA is not available") as caught:
+        task_device({"gpu_id": "0,1", "gpu_count": 2}, Path("c.yaml"))
+    assert caught.value.code == 300102
+    monkeypatch.setenv(CPU_FALLBACK_ENV, "1")
+    assert task_device({"gpu_id": "0,1", "gpu_count": 2}, Path("c.yaml")) == ("cpu", 2)
+    assert task_device({"gpu_id": "0,1,2", "gpu_count": "2"}, Path("c.yaml")) == ("cpu", 2)
+    assert task_device({"gpu_id": "0", "gpu_count": 4}, Path("c.yaml")) == ("cpu", 1)
+
+
+def test_the_processes_see_the_gpus_of_gpu_id(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices({"gpu_id": "0, 1,2"}, 2) == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # gpu_id indexes the container's own devices
+    assert visible_devices({"gpu_id": "1,2"}, 2) == "6,7"
+
+
+@pytest.mark.slow  # one executor, two torchrun groups of two processes (mining, then inference: ~40 s)
+def test_mining_and_infer_on_two_processes_give_one_process_results(trained, tmp_path):
+    one = _run(_prediction_task(trained, tmp_path / "one"))
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    proc = _run(_prediction_task(trained, tmp_path / "two", **TWO), **FALLBACK)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mine on 2 processes" in proc.stdout and "infer on 2 processes" in proc.stdout
+    _check_prediction(tmp_path / "two")
+
+    def rows(root: Path) -> list[tuple[str, str]]:  # the asset paths differ by the task's root only
+        lines = (root / "out" / "result.tsv").read_text().splitlines()
+        return [(str(Path(p).relative_to(root)), s) for p, s in (line.split("\t") for line in lines)]
+
+    assert rows(tmp_path / "two") == rows(tmp_path / "one")  # same order, same scores
+    assert (tmp_path / "two" / "out" / "infer-result.json").read_bytes() == \
+        (tmp_path / "one" / "out" / "infer-result.json").read_bytes()
+
+
+@pytest.mark.slow  # an executor with a torchrun group of two processes (~40 s)
+def test_training_on_two_processes_writes_what_the_platform_reads(tmp_path):
+    coco, images, val_names = _coco_source(tmp_path / "src")
+    env = training_workspace(tmp_path / "task", coco, images, val_names, CLASSES,
+                             {**TRAIN_CONFIG, "max_iters": 40, "interval": 20, **TWO})
+    proc = _run(env, **FALLBACK)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train on 2 processes" in proc.stdout
+    _check_training(tmp_path / "task", proc, min_miou=0.0)
+
+
+def _descendant(root: int, rank: int) -> int | None:
+    """The pid of the group's process of ``rank`` among the descendants of ``root`` (from /proc), or None."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [root], []
+    while todo:
+        todo.extend(kids := children.get(todo.pop(), []))
+        found.extend(kids)
+    for pid in found:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"mirseg.ymir.worker" in cmdline:
+            return pid
+    return None
+
+
+@pytest.mark.slow  # a two-process training killed in the middle (~30 s)
+def test_a_killed_process_ends_the_task_with_the_error_state(tmp_path):
+    """SIGKILL to rank 1 of a YMIR training on two processes: the executor exits 1 within 60 s, the monitor in
+    the error state with code 300004 and which process ended how (rank 0's failed collective is not the cause)."""
+    tr = make_dataset(tmp_path / "src", 6, size=(48, 64), num_classes=2, seed=1)
+    coco = ymir_coco([(tr.ann, tr.images)], ["disc", "box"], tmp_path / "all")
+    config = {"max_iters": 100000, "interval": 100000, "samples_per_gpu": 2, "workers_per_gpu": 0, **TWO,
+              "cfg_options": "crop_size=[32,32] img_scale=[64,48] lr_scaling=none"}
+    env = training_workspace(tmp_path / "task", coco, tmp_path / "all", ["img_0000.png"], ["disc", "box"], config)
+    monitor = tmp_path / "task" / "out" / "monitor.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "mirseg.ymir", "--env", str(env)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=env.parent,
+                            env={**os.environ, **FALLBACK, "MIRSEG_DIST_TIMEOUT": "120"})
+    try:
+        end, victim = time.monotonic() + 120, None
+        while time.monotonic() < end and proc.poll() is None:  # rank 1 running, rank 0 reporting iterations
+            victim = victim or _descendant(proc.pid, 1)
+            if victim and monitor.is_file() and float(monitor.read_text().split("\t")[2]) > 2e-5:
+                break
+            time.sleep(0.2)
+        assert victim and proc.poll() is None, proc.communicate()[0][-3000:]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=90)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and took < 60, (took, out[-3000:])
+    lines = monitor.read_text().splitlines()
+    fields = lines[0].split("\t")
+    assert fields[3] == "4" and fields[4] == "300004"
+    assert "train on 2 processes failed: process 1 of 2: ended without a report" in lines[1], lines

@@ -5,9 +5,10 @@ coerce every key -> run the task with mirseg's own functions -> write the platfo
 files. Progress goes to monitor.txt throughout; any failure writes the monitor's error state
 with an error code, logs the reason and exits non-zero, so a task never stays "running".
 
-This module is the dispatch: :func:`run` / :func:`main` and the error codes. The tasks are
-:mod:`mirseg.ymir.training` and :mod:`mirseg.ymir.prediction` (mining and inference); what both read
-from config.yaml is :mod:`mirseg.ymir.taskconfig`.
+This module is the dispatch: :func:`run` / :func:`main`. The tasks are :mod:`mirseg.ymir.training` and
+:mod:`mirseg.ymir.prediction` (mining and inference); what both read from config.yaml is
+:mod:`mirseg.ymir.taskconfig`; a task on several GPUs runs its job in a torchrun group of its own
+(:mod:`mirseg.ymir.worker`); the error codes are :mod:`mirseg.ymir.codes`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from mirseg import interrupt
-from mirseg.data import DatasetError, ImageError
 from mirseg.errors import EXIT_SIGINT, Interrupted, MirsegError
-from mirseg.train import TrainingDiverged
+from mirseg.ymir.codes import error_code
 from mirseg.ymir.prediction import run_mining_and_infer
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
-    CODE_DATASET,
-    CODE_IMAGE,
     CODE_MODEL,
-    CODE_NAN,
-    CODE_OOM,
     POSTPROCESS,
     PREPROCESS,
     Monitor,
@@ -45,21 +39,6 @@ from mirseg.ymir.training import run_training
 log = logging.getLogger("mirseg")
 
 DEFAULT_ENV = "/in/env.yaml"
-
-
-def error_code(exc: BaseException, default: int) -> int:
-    """The monitor error code for an exception."""
-    if isinstance(exc, YmirError):
-        return exc.code
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return CODE_OOM
-    if isinstance(exc, TrainingDiverged):
-        return CODE_NAN
-    if isinstance(exc, ImageError):
-        return CODE_IMAGE
-    if isinstance(exc, (DatasetError, FileNotFoundError)):
-        return CODE_DATASET
-    return default
 
 
 def _quiet_caches(tmp: str) -> None:

@@ -1,5 +1,6 @@
 """The YMIR prediction tasks: mining (``mirseg.mine.mine`` -> the platform's mining result) and inference
-(``mirseg.infer.run_inference`` -> its COCO result), one after the other when a task asks for both.
+(``mirseg.infer.run_inference`` -> its COCO result), one after the other when a task asks for both; each in
+this process, or in one process per GPU (:func:`mirseg.ymir.worker.run_job`).
 """
 
 from __future__ import annotations
@@ -7,30 +8,45 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mirseg.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, user_classes
 from mirseg.config import InferConfig, MineConfig, build_config
 from mirseg.fileio import atomic_path, write_atomic
-from mirseg.infer import run_inference
-from mirseg.mine import mine
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
     CODE_DATASET,
     CODE_MODEL,
     POSTPROCESS,
     PREPROCESS,
-    TASK,
     Monitor,
     YmirEnv,
     YmirError,
     read_index,
     write_mining_result,
 )
-from mirseg.ymir.taskconfig import PLATFORM_KEYS, check_task_keys, read_task_config, task_device, weight_files
+from mirseg.ymir.taskconfig import (
+    PLATFORM_KEYS,
+    check_task_keys,
+    read_task_config,
+    task_device,
+    visible_devices,
+    weight_files,
+)
+from mirseg.ymir.worker import run_job
 
 log = logging.getLogger("mirseg")
+
+
+@dataclass(frozen=True)
+class _Devices:
+    """Where a task's jobs run: the device key, how many processes, their CUDA_VISIBLE_DEVICES ('' to leave it)."""
+
+    device: str
+    processes: int
+    visible: str
 
 
 def _model_checkpoint(env: YmirEnv, params: dict[str, Any]) -> Path:
@@ -69,7 +85,8 @@ def run_mining_and_infer(env: YmirEnv, monitor: Monitor) -> None:
     owned = {"checkpoint", "images", "out_dir", "device", "resume"}  # every YMIR task starts afresh
     check_task_keys(params, (set(MineConfig.__dataclass_fields__) | set(InferConfig.__dataclass_fields__)) - owned,
                 source)
-    device, _ = task_device(params, source)
+    device, processes = task_device(params, source)
+    devices = _Devices(device, processes, visible_devices(params, processes) if device == "cuda" else "")
     checkpoint = _model_checkpoint(env, params)
     candidates = read_index(env.candidate_index_file, "candidate")
     if not candidates:
@@ -81,22 +98,22 @@ def run_mining_and_infer(env: YmirEnv, monitor: Monitor) -> None:
         both = env.run_mining and env.run_infer
         if env.run_mining:
             monitor.set_span(0.0, 0.5 if both else 1.0)
-            _mine(env, params, checkpoint, candidates, list_file, device, monitor)
+            _mine(env, params, checkpoint, candidates, list_file, devices, monitor)
         if env.run_infer:
             monitor.set_span(0.5 if both else 0.0, 1.0)
-            _infer(env, params, checkpoint, candidates, list_file, device, monitor, Path(tmp))
+            _infer(env, params, checkpoint, candidates, list_file, devices, monitor, Path(tmp))
 
 
 def _mine(env: YmirEnv, params: dict[str, Any], checkpoint: Path, candidates: list[str], list_file: Path,
-          device: str, monitor: Monitor) -> None:
+          devices: _Devices, monitor: Monitor) -> None:
     values = _job_values(MineConfig, params, {"checkpoint", "images", "out_dir", "device"})
     values.update(checkpoint=str(checkpoint), images=str(list_file), out_dir=str(env.out_dir / "mining"),
-                  device=device)
+                  device=devices.device)
     try:
         cfg = build_config(MineConfig, values, str(env.config_file))
     except ValueError as exc:
         raise YmirError(str(exc), CODE_CONFIG) from None
-    result = mine(cfg, progress=lambda p: monitor.update(TASK, p))
+    result = run_job("mine", cfg, devices.processes, monitor, devices.visible)
     # The platform takes each line's file stem as the asset id: write the index's paths verbatim.
     as_listed = {_list_path(c, list_file): c for c in candidates}
     ranking = [(as_listed.get(p, p), s) for p, s in result.ranking]
@@ -116,17 +133,17 @@ def _list_path(entry: str, list_file: Path) -> str:
 
 
 def _infer(env: YmirEnv, params: dict[str, Any], checkpoint: Path, candidates: list[str], list_file: Path,
-           device: str, monitor: Monitor, tmp: Path) -> None:
+           devices: _Devices, monitor: Monitor, tmp: Path) -> None:
     values = _job_values(InferConfig, params, {"checkpoint", "images", "out_dir", "device"})
     if "fp16" in params and "amp" not in params:
         values["amp"] = params["fp16"]
-    values.update(checkpoint=str(checkpoint), images=str(list_file), out_dir=str(tmp / "infer"), device=device,
+    values.update(checkpoint=str(checkpoint), images=str(list_file), out_dir=str(tmp / "infer"), device=devices.device,
                   save_labels=False, save_color=False, save_overlay=False, save_proba=False, save_coco=True)
     try:
         cfg = build_config(InferConfig, values, str(env.config_file))
     except ValueError as exc:
         raise YmirError(str(exc), CODE_CONFIG) from None
-    result = run_inference(cfg, progress=lambda p: monitor.update(TASK, p))
+    result = run_job("infer", cfg, devices.processes, monitor, devices.visible)
     with atomic_path(env.infer_result_file) as tmp:  # the platform never sees half a file
         shutil.copyfile(result.coco_json, tmp)
     if result.failed:

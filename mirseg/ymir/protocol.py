@@ -207,6 +207,14 @@ class Monitor:
         self._write(percent, STATE_RUNNING, 0)
         self._last_write = now
 
+    def adopt(self) -> None:
+        """Take over the percent another process (rank 0 of the task's group) wrote to the file meanwhile."""
+        try:
+            fields = self.path.read_text(encoding="utf-8").split("\n", 1)[0].split("\t")
+            self.percent = max(self.percent, float(fields[2]))
+        except (OSError, ValueError, IndexError):  # no file yet, or not a monitor line: keep our own
+            pass
+
     def error(self, code: int, message: str = "") -> None:
         """The error state, written just before the process exits non-zero."""
         self._write(self.percent, STATE_ERROR, code, message)

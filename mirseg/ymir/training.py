@@ -1,32 +1,26 @@
-"""The YMIR training task: config.yaml and env.yaml to a TrainConfig, ``mirseg.train.train`` (one process,
-or one per GPU under torchrun), then result.yaml from the checkpoints.
+"""The YMIR training task: config.yaml and env.yaml to a TrainConfig, ``mirseg.train.train`` (in this process,
+or one process per GPU: :func:`mirseg.ymir.worker.run_job`), then result.yaml from the checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mirseg.checkpoint import read_checkpoint
 from mirseg.coerce import parse_overrides
-from mirseg.config import TrainConfig, build_config, save_config
+from mirseg.config import TrainConfig, build_config
 from mirseg.pretrained import YMIR_WEIGHTS_DIR, check_spec, weights_dir
-from mirseg.train import train
 from mirseg.ymir.protocol import (
     CODE_CONFIG,
     CODE_DATASET,
     CODE_MODEL,
     POSTPROCESS,
     PREPROCESS,
-    TASK,
     Monitor,
     YmirEnv,
     YmirError,
@@ -34,7 +28,15 @@ from mirseg.ymir.protocol import (
     read_index,
     write_training_result,
 )
-from mirseg.ymir.taskconfig import PLATFORM_KEYS, check_task_keys, read_task_config, task_device, weight_files
+from mirseg.ymir.taskconfig import (
+    PLATFORM_KEYS,
+    check_task_keys,
+    read_task_config,
+    task_device,
+    visible_devices,
+    weight_files,
+)
+from mirseg.ymir.worker import run_job
 
 log = logging.getLogger("mirseg")
 
@@ -167,26 +169,9 @@ def run_training(env: YmirEnv, monitor: Monitor) -> None:
         shutil.copy2(resume_from, models / "last.pth")
     monitor.update(PREPROCESS, 1.0, force=True)
 
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        _train_distributed(cfg, gpus, env, monitor)
-    else:
-        train(cfg, progress=lambda p: monitor.update(TASK, p))
+    run_job("train", cfg, gpus, monitor, visible_devices(params, gpus) if cfg.device.startswith("cuda") else "")
     monitor.update(POSTPROCESS, 0.0, force=True)
     write_stages(models, env.training_result_file, cfg.trust_checkpoint)
-
-
-def _train_distributed(cfg: TrainConfig, gpus: int, env: YmirEnv, monitor: Monitor) -> None:
-    """One process per GPU with torchrun; rank 0 of the workers writes the monitor."""
-    with tempfile.TemporaryDirectory(prefix="mirseg-ymir-") as tmp:
-        cfg_path = Path(tmp) / "train.yaml"
-        save_config(cfg, cfg_path)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "mirseg.ymir.worker", str(cfg_path)]
-        child_env = {**os.environ, "MIRSEG_YMIR_MONITOR": str(monitor.path), "MIRSEG_YMIR_TASK_ID": monitor.task_id}
-        log.info("training on %d GPUs: %s", gpus, " ".join(cmd))
-        rc = subprocess.call(cmd, env=child_env)
-        if rc != 0:
-            raise YmirError(f"distributed training failed (exit code {rc}); see the log above", CODE_MODEL)
 
 
 def write_stages(models: Path, result_file: Path, trust_checkpoint: bool = False) -> None:
