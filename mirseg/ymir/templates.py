@@ -24,7 +24,8 @@ TRAINING: Template = [
      "network: a preset (fastscnn, hrnet_w18s, ...) or one of the original image's mmseg config paths"),
     ("pretrained", "auto", "start when no pretrained model is chosen: auto (the model-zoo file for config_file in "
      "/weights, else its ImageNet backbone, else random), none (random), or a file path in the image"),
-    ("samples_per_gpu", 2, "images per GPU per iteration (the lr stays the config's; lr_scaling in cfg_options scales it)"),
+    ("samples_per_gpu", 2, "images per GPU per iteration (the lr stays the config's: lr_scaling in cfg_options "
+     "scales it)"),
     ("workers_per_gpu", 2, "data-loading processes per GPU"),
     ("max_iters", 20000, "training iterations; the poly lr decays over them"),
     ("interval", 2000, "evaluate on the validation set and save checkpoints every this many iterations"),
