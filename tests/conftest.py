@@ -45,9 +45,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             shutil.rmtree(config.stash[key], ignore_errors=True)
 
 
+def _uses_toy(item: pytest.Item) -> bool:
+    return bool({"toy_run", "trained_fastscnn"} & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``@pytest.mark.slow`` tests (long end-to-end runs) run only with RUN_SLOW=1, as CI sets it;
-    ``@pytest.mark.cuda`` tests only where torch sees a CUDA GPU (``pytest -m cuda`` runs just them)."""
+    ``@pytest.mark.cuda`` tests only where torch sees a CUDA GPU (``pytest -m cuda`` runs just them).
+
+    The first test file that needs the toy model runs first and the other such files last, each file kept
+    whole (its module fixtures are set up once): one worker trains the toy while the others run the tests
+    that do not need it, instead of waiting on its lock."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(str(item.path), []).append(item)
+    toy_files = [f for f, group in files.items() if any(_uses_toy(i) for i in group)]
+    order = toy_files[:1] + [f for f in files if f not in toy_files] + toy_files[1:]
+    items[:] = [item for f in order for item in files[f]]
     slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 (CI does)")
     cuda = pytest.mark.skip(reason="cuda: torch.cuda.is_available() is False on this machine")
     has_cuda = torch.cuda.is_available()

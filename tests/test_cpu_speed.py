@@ -245,6 +245,7 @@ def test_bf16_training_on_cpu_learns_with_fp32_losses_and_weights(shapes, tmp_pa
     assert {v.dtype for v in last["model"].values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow  # three short emulated-bf16 trainings, ~6 s on a CPU without native bf16 (CI runs it)
 def test_bf16_training_resumes_to_the_same_weights(shapes, tmp_path, monkeypatch):
     monkeypatch.setenv("MIRSEG_CPU_BF16", "1")
 

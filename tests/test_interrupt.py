@@ -207,7 +207,7 @@ def test_train_stops_at_the_signalled_iteration_and_resumes_bit_exact(tiny, refe
     assert [e.step for e in events.Scalars("val/mIoU")] == [20, 40]
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 0),
+@pytest.mark.parametrize("sig, workers", [pytest.param(signal.SIGTERM, 0, marks=pytest.mark.slow),
                                           pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow)],
                          ids=["SIGTERM", "SIGINT-workers"])
 def test_train_subprocess_signal_then_cli_resume(tiny, reference, tmp_path, sig, workers):
