@@ -135,8 +135,8 @@ def _list_path(entry: str, list_file: Path) -> str:
 def _infer(env: YmirEnv, params: dict[str, Any], checkpoint: Path, candidates: list[str], list_file: Path,
            devices: _Devices, monitor: Monitor, tmp: Path) -> None:
     values = _job_values(InferConfig, params, {"checkpoint", "images", "out_dir", "device"})
-    if "fp16" in params and "amp" not in params:
-        values["amp"] = params["fp16"]
+    if "fp16" in params and "amp" not in params and devices.device != "cpu":
+        values["amp"] = params["fp16"]  # the form's fp16 is a GPU setting ("ignored on CPU"): not bf16 there
     values.update(checkpoint=str(checkpoint), images=str(list_file), out_dir=str(tmp / "infer"), device=devices.device,
                   save_labels=False, save_color=False, save_overlay=False, save_proba=False, save_coco=True)
     try:
