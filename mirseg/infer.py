@@ -38,10 +38,9 @@ from mirseg.config import InferConfig, check_output_dirs
 from mirseg.data.images import ImageError, opencv_threads, read_image
 from mirseg.data.sources import list_images
 from mirseg.data.transforms import normalize, rescale_size, resize_pair
-from mirseg.errors import ConfigError, Interrupted
+from mirseg.errors import ConfigError
 from mirseg.exported import onnx_predictor
 from mirseg.fileio import AtomicFile, write_atomic
-from mirseg.interrupt import signal_name
 from mirseg.layout import choose, forward_timer
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.precision import autocast_dtype
@@ -356,9 +355,7 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                     progress(len(journal.records) / len(paths))
         done = start + shards.done
         if done < len(paths):
-            raise Interrupted(f"interrupted by {signal_name(shards.signum)} after {done} of {len(paths)} images; run "
-                              f"the same command with resume=true to do the other {len(paths) - done} "
-                              f"(out_dir={out_dir})", shards.signum)
+            raise interrupt.stopped_after(shards.signum, done, len(paths), out_dir)
         dist.on_main(close_outputs, rt)
     except BaseException:
         if rows:

@@ -52,6 +52,13 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def stopped_after(signum: int, done: int, total: int, out_dir: str | os.PathLike, items: str = "images",
+                  verb: str = "do", before: str = "") -> Interrupted:
+    """What a job stopped by ``signum`` after ``done`` of ``total`` ``items`` raises: how to finish the rest."""
+    return Interrupted(f"interrupted by {signal_name(signum)} after {before}{done} of {total} {items}; run the same "
+                       f"command with resume=true to {verb} the other {total - done} (out_dir={out_dir})", signum)
+
+
 def under_torchrun() -> bool:
     """True in a worker process started by ``torchrun`` (torch.distributed.run sets TORCHELASTIC_RUN_ID)."""
     return "TORCHELASTIC_RUN_ID" in os.environ

@@ -56,10 +56,8 @@ from mirseg import dist, interrupt
 from mirseg.config import MineConfig, check_output_dirs
 from mirseg.data.images import ImageError, read_image, write_image
 from mirseg.data.sources import list_images
-from mirseg.errors import Interrupted
 from mirseg.fileio import write_atomic
 from mirseg.infer import JOURNAL, ImagePrediction, group_size, iter_predictions, load_predictor
-from mirseg.interrupt import signal_name
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
 from mirseg.outputs import output_names
@@ -231,10 +229,7 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
         add(path, error, summary)
         report(share * (len(ok) + len(failed)) / len(paths))
     if start + shards.done < len(paths):
-        left = len(paths) - start - shards.done
-        raise Interrupted(f"interrupted by {signal_name(shards.signum)} after {len(paths) - left} of {len(paths)} "
-                          f"candidates; run the same command with resume=true to do the other {left} "
-                          f"(out_dir={out_dir})", shards.signum)
+        raise interrupt.stopped_after(shards.signum, start + shards.done, len(paths), out_dir, "candidates")
 
     def score() -> tuple[list[tuple[str, float]], list, list[int], np.ndarray]:  # on rank 0: the pool-wide step
         ranking, chosen, order, scores = _score_pool(miner, cfg, params, summaries, ok, num_classes)
@@ -341,9 +336,8 @@ def _save_masks(miner: Miner, params: MiningParams, predictor: Predictor | None,
         report(done / len(paths))
     done = start + shards.done
     if done < len(paths):
-        raise Interrupted(f"interrupted by {signal_name(shards.signum)} after the masks of {done} of {len(paths)} "
-                          f"images (result.tsv is complete); run the same command with resume=true to save the other "
-                          f"{len(paths) - done} (out_dir={out_dir})", shards.signum)
+        raise interrupt.stopped_after(shards.signum, done, len(paths), out_dir, "images (result.tsv is complete)",
+                                      "save", before="the masks of ")
     dist.on_main(lambda: write_atomic(out_dir / "masks.tsv", "".join(rec["line"] for rec in saved).encode()), rt)
     return [out_dir / rec["mask"] for rec in saved], saved  # rank 0's (the others have none)
 
