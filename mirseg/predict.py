@@ -140,7 +140,19 @@ def predict_proba(logits: torch.Tensor, size: tuple[int, int] | None = None) -> 
     logits = logits.float()
     if size is not None and tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits.softmax(dim=1)
+    return channel_softmax(logits)
+
+
+def channel_softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(dim=1)`` of ``(N, C, H, W)``, in the layout ``x`` has.
+
+    For a channels-last ``x`` the classes are its innermost dimension, but PyTorch's CPU softmax over dim 1
+    takes a strided path there, 2-3x slower than on NCHW (0.8 s against 0.29 s for 2x19x1024x2048 on 2 cores):
+    softmax over the last dimension of the NHWC view is the fast kernel, on the same memory.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W), channels-last
+    return x.softmax(dim=1)
 
 
 def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
