@@ -6,7 +6,7 @@ Each setting is a thread choice for one training process:
 
 - ``default``: torch's own (one thread per core; what an untuned job gets);
 - ``auto:W``: mirseg's budget (:func:`mirseg.threads.plan`) for a job with ``workers_per_gpu=W`` on this
-  machine (usable cores minus W, at least 1);
+  machine (usable cores minus ``min(W, cores // 4)``, at least 1);
 - ``threads:N``: ``threads=N``, e.g. the README's advice for two jobs on two cores (``threads=1``).
 
 Per setting, two identical processes start and warm up; the first runs ``--repeat`` steps (SGD, the

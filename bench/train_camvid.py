@@ -8,26 +8,70 @@ left unannotated, so ``ignore_blank_area=true`` ignores it) or as label PNGs (``
 The budget is scaled to a CPU: test scale 480x360, training resize jitter around it, crops of
 360x480, batch 4, lr scaled from each preset's design batch. Not part of the test suite: it takes
 minutes per preset. The dataset's licence is research-only: it is read in place, never copied.
+
+Job-level throughput (issue 15), per preset: the job's seconds per iteration with its evaluations and
+start-up (``job s/it``), the loop's without them (``loop s/it``, :class:`mirseg.train_state.LoopClock`), the
+share of the loop spent waiting for the data workers (``data wait``), and the **bare step**: the same
+forward, loss, backward and SGD step, in the layout and precision the run chose, on one fixed batch
+of the run's shape in this process on every usable core, median of ``--step-iters`` after
+``--step-warmup`` (no loader, nothing else running). ``step share`` = bare step / loop s/it: the part of
+the job's time that is the step itself (the goal: at least 85 %). The first line gives the CPU, the load
+average and the run's thread split (``--set threads=N`` changes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+
+from mirseg import layout, threads  # noqa: E402
+from mirseg.checkpoint import read_checkpoint  # noqa: E402
 from mirseg.coerce import parse_overrides  # noqa: E402
 from mirseg.config import TrainConfig, build_config  # noqa: E402
+from mirseg.constants import IGNORE_INDEX  # noqa: E402
+from mirseg.loss import segmentation_loss  # noqa: E402
+from mirseg.models import build_model  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
            "bicyclist"]
+
+
+def bare_step(cfg: TrainConfig, num_classes: int, choice: layout.Choice, iters: int, warmup: int) -> float:
+    """Median seconds of one training step (forward, loss, backward, SGD) on a fixed random batch of the run's
+    shape (``samples_per_gpu`` x 3 x crop), in the run's layout and autocast dtype, on every usable core."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes).train().to(memory_format=choice.memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
+    h, w = cfg.crop_size
+    x = torch.randn(cfg.samples_per_gpu, 3, h, w).contiguous(memory_format=choice.memory_format)
+    labels = torch.randint(0, num_classes, (cfg.samples_per_gpu, h, w))
+    labels[:, : h // 8] = IGNORE_INDEX  # like void in CamVid
+    times = []
+    with threads.budget(0, 0):  # the reference: every usable core, no workers
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            with choice.autocast("cpu"):
+                out = model(x)
+            loss, _ = segmentation_loss(out, labels, getattr(model, "aux_weights", ()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -38,16 +82,21 @@ def main() -> None:
     parser.add_argument("--layout", choices=["coco", "labels"], default="coco")
     parser.add_argument("--camvid", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--step-iters", type=int, default=10, help="timed bare steps (default 10)")
+    parser.add_argument("--step-warmup", type=int, default=3)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more TrainConfig keys, e.g. amp=false (fp32) or layout=channels_last")
     args = parser.parse_args()
     root = Path(args.camvid)
     if not (root / "train.json").is_file():
         sys.exit(f"CamVid not found at {root}; pass --camvid")
-    print(f"# load average {os.getloadavg()[0]:.2f}, {args.iters} iterations of batch {args.batch}, {args.layout}"
-          + (f", {' '.join(args.set)}" if args.set else ""))
-    print("| preset | val mIoU | val mAcc | val aAcc | s/iter |")
-    print("|---|---|---|---|---|")
+    overrides = parse_overrides(args.set)
+    split = threads.plan(int(overrides.get("threads", 0)), args.workers).description
+    print(f"# {cpu_model()}, torch {torch.__version__}, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.iters} iterations of batch {args.batch}, "
+          f"{args.layout}" + (f", {' '.join(args.set)}" if args.set else "") + f"\n# {split}")
+    print("| preset | val mIoU | val mAcc | val aAcc | job s/it | loop s/it | data wait | bare step s | step share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         with tempfile.TemporaryDirectory() as work:
             data = {"class_names": CLASSES, "train_images": str(root / "images" / "train"),
@@ -60,12 +109,18 @@ def main() -> None:
             cfg = build_config(TrainConfig, {**dict(
                 data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
                 workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
-                work_dir=work, log_interval=max(args.iters // 20, 1)), **parse_overrides(args.set)})
+                work_dir=work, log_interval=max(args.iters // 20, 1)), **overrides})
             t0 = time.perf_counter()
             result = train(cfg)
             per_iter = (time.perf_counter() - t0) / args.iters
-            m = result.last_metrics
-            print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} |", flush=True)
+            m, t = result.last_metrics, result.timing
+            choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
+            choice = choice or layout.Choice("contiguous")
+            step = bare_step(cfg, len(CLASSES), choice, args.step_iters, args.step_warmup)
+            print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} | "
+                  f"{t['s_per_iter']:.3f} | {100 * t['data_share']:.0f}% | {step:.3f} | "
+                  f"{100 * step / t['s_per_iter']:.0f}% |", flush=True)
+    print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

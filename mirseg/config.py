@@ -58,7 +58,7 @@ class TrainConfig:
     # -- schedule (the original image's names and defaults)
     samples_per_gpu: int = 2  # batch per process
     workers_per_gpu: int = 2  # data-loading worker processes per process
-    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
+    threads: int = 0  # torch threads; 0: $MIRSEG_THREADS, else cores - min(workers, cores // 4) (README: Threads)
     max_iters: int = 20000  # training iterations; the poly schedule decays over them
     interval: int = 2000  # evaluate and checkpoint every this many iterations
     save_least_file: bool = True  # keep only the best and last checkpoints
@@ -151,7 +151,7 @@ class InferConfig:
     out_dir: str = "runs/infer"  # where the outputs go
     samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
     workers_per_gpu: int = 2  # image-decoding worker processes
-    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
+    threads: int = 0  # torch threads; 0: $MIRSEG_THREADS, else cores - min(workers, cores // 4) (README: Threads)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = False  # autocast: fp16 on CUDA, bf16 on a bf16 CPU where faster; softmax stays fp32
     layout: Literal["auto", "channels_last", "contiguous"] = "auto"  # memory layout; auto: the fastest here, probed
@@ -200,7 +200,7 @@ class MineConfig:
     power_beta: float = 1.0  # sampling power: the exponent (larger: closer to plain top-N)
     samples_per_gpu: int = 2  # images per forward pass
     workers_per_gpu: int = 2  # image-decoding worker processes
-    threads: int = 0  # torch threads (main process); 0: $MIRSEG_THREADS, else usable cores - workers (README: Threads)
+    threads: int = 0  # torch threads; 0: $MIRSEG_THREADS, else cores - min(workers, cores // 4) (README: Threads)
     fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)
     bf16: bool = False  # autocast bf16 on a bf16 CPU where faster
     layout: Literal["auto", "channels_last", "contiguous"] = "auto"  # memory layout; auto: the fastest here, probed

@@ -45,7 +45,7 @@ from mirseg.layout import choose, forward_timer
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.precision import autocast_dtype
 from mirseg.predict import Predictor, load_predictor, predict_batch
-from mirseg.threads import budgeted
+from mirseg.threads import budgeted, worker_init
 
 log = logging.getLogger("mirseg")
 
@@ -193,7 +193,8 @@ def iter_predictions(
     dtype = autocast_dtype(predictor.device, amp)
     dataset = _ImageDataset(paths, predictor.img_scale, ratios, keep_image, keep_original)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers_per_gpu,
-                                         collate_fn=_identity, pin_memory=predictor.device.type == "cuda")
+                                         collate_fn=_identity, pin_memory=predictor.device.type == "cuda",
+                                         worker_init_fn=worker_init)
     with opencv_threads(1 if workers_per_gpu > 0 else None):
         loaded = iter(loader)  # forks the workers
     group = group_size(samples_per_gpu)

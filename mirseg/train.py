@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from mirseg import dist, interrupt, layout, pretrained
+from mirseg import dist, interrupt, layout, pretrained, threads
 from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from mirseg.config import TrainConfig, check_output_dirs, fit_scale, save_config, to_dict
 from mirseg.data.check import check_data, crop_padding_warning
@@ -43,8 +43,7 @@ from mirseg.errors import ConfigError, Interrupted, MirsegError, MissingFileErro
 from mirseg.evaluate import evaluate, log_predictions, print_table
 from mirseg.loss import auto_class_weight, segmentation_loss
 from mirseg.models import build_model
-from mirseg.threads import budgeted
-from mirseg.train_state import LossWindow, TrainState, rank_rng_states
+from mirseg.train_state import LoopClock, LossWindow, TrainState, poly_lr, rank_rng_states
 
 log = logging.getLogger("mirseg")
 
@@ -63,16 +62,7 @@ class TrainResult:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
-
-
-def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int,
-            warmup_iters: int = 0) -> Callable[[int], float]:
-    """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``, times a
-    linear warm-up from 0.1 to 1 over the first ``warmup_iters`` (mmcv's ``warmup='linear'``, ratio 0.1)."""
-    def factor(it: int) -> float:
-        poly = ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
-        return poly * (1 - 0.9 * (1 - it / warmup_iters)) if it < warmup_iters else poly
-    return factor
+    timing: dict[str, float] = field(default_factory=dict)  # LoopClock.summary(): s/iteration, data share
 
 
 LR_EXPONENTS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
@@ -103,6 +93,7 @@ class _Run:
     bar: Any = None  # tqdm progress bar
     losses: LossWindow = field(default_factory=LossWindow)  # on the device until _read_losses
     t0: float = field(default_factory=time.perf_counter)
+    clock: LoopClock = field(default_factory=LoopClock)  # restarted when the loop starts
 
     def close_logs(self) -> None:
         if self.bar is not None:
@@ -115,7 +106,7 @@ class _Run:
 # The run: the set-up in named steps, then the loop
 
 
-@budgeted
+@threads.budgeted
 def train(cfg: TrainConfig, progress: Callable[[float], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on the configured data; returns where the best and last checkpoints are.
 
@@ -160,7 +151,8 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None, stop: int
     with opencv_threads(1 if cfg.workers_per_gpu > 0 else None):
         batches = iter(loader)
     _stop_if_signalled(run, state, stop)  # a signal during the set-up
-    for it, (images, labels) in enumerate(batches, start=state.iteration):
+    run.clock = LoopClock()
+    for it, (images, labels) in enumerate(run.clock.batches(batches), start=state.iteration):
         images = images.to(rt.device, memory_format=steps.memory_format, non_blocking=True)  # pinned on CUDA: queued
         labels = labels.to(rt.device, non_blocking=True)
         with steps.autocast(rt.device.type):  # fp16 on CUDA with amp (and the scaler), bf16 on a bf16 CPU, or fp32
@@ -184,15 +176,19 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None, stop: int
             if progress is not None:
                 progress(done / cfg.max_iters)
         if evaluating:
-            model.eval()
-            metrics = evaluate(model, data.val_set, cfg, rt, len(data.class_names)) if len(data.val_set) else {}
-            model.train()
-            last_metrics = metrics
-            _after_eval(run, state, metrics, rank_rng_states(rt))
+            with run.clock.evaluating():
+                model.eval()
+                metrics = evaluate(model, data.val_set, cfg, rt, len(data.class_names)) if len(data.val_set) else {}
+                model.train()
+                last_metrics = metrics
+                _after_eval(run, state, metrics, rank_rng_states(rt))
         # Checked after every step, so a run stops within one iteration. Under torchrun this is one tiny
         # all_reduce per iteration, which on GPUs waits for the step (a single process never waits here).
         if done < cfg.max_iters:  # on the last iteration the run is complete anyway
             _stop_if_signalled(run, state, stop)
+    if rt.is_main and run.clock.iterations:
+        log.info("trained %d iterations: %s, %.1f s evaluating", run.clock.iterations, run.clock.line(),
+                 run.clock.eval_s)
     run.close_logs()
     dist.teardown(rt)
     if rt.is_main and last_metrics:
@@ -201,7 +197,7 @@ def _train(cfg: TrainConfig, progress: Callable[[float], None] | None, stop: int
     best_path = work_dir / "best.pth"
     return TrainResult(work_dir=work_dir, best=best_path if best_path.exists() else None, last=work_dir / "last.pth",
                        best_metrics=state.best.get("metrics", {}), last_metrics=last_metrics,
-                       class_names=data.class_names)
+                       class_names=data.class_names, timing=run.clock.summary())
 
 
 # -- set-up
@@ -294,7 +290,8 @@ def _loader(train_set: SegDataset, cfg: TrainConfig, rt: dist.Runtime, start_ite
     # The loader gets its own generator: drawing worker seeds from the global one would shift the
     # dropout randomness of a resumed run against an uninterrupted one.
     return DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers_per_gpu,
-                      pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                      pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                      worker_init_fn=threads.worker_init)
 
 
 def _open_logs(cfg: TrainConfig, rt: dist.Runtime, data: TrainData, start_iter: int) -> _Run:
@@ -329,8 +326,11 @@ def _read_losses(run: _Run, state: TrainState, log_them: bool) -> None:
     for k, v in parts.items():
         run.writer.add_scalar(f"loss/{k}", v, done)
     run.writer.add_scalar("lr", lr, done)
-    log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e", done, run.cfg.max_iters, parts["total"],
-             ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr)
+    timing = run.clock.summary()
+    run.writer.add_scalar("time/s_per_iter", timing["s_per_iter"], done)
+    run.writer.add_scalar("time/data_share", timing["data_share"], done)
+    log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e  %s", done, run.cfg.max_iters, parts["total"],
+             ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr, run.clock.line())
 
 
 def _after_eval(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None) -> None:

@@ -5,12 +5,15 @@ got, the best evaluation so far and the steps' layout and precision. :meth:`Trai
 what ``last.pth`` keeps besides the weights (with every process's random generators, gathered by
 :func:`rank_rng_states`), and :meth:`TrainState.restore` puts it all back, so a resumed run takes the
 steps an uninterrupted one takes (bit-exact on CPU). :class:`LossWindow` holds the loss values of the
-iterations since the loop last read them, on the device.
+iterations since the loop last read them, on the device; :class:`LoopClock` where the loop's time goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +102,16 @@ def rank_rng_states(rt: dist.Runtime) -> list[dict[str, Any]] | None:
     return states
 
 
+def poly_lr(base_lr: float, min_lr: float, power: float, max_iters: int,
+            warmup_iters: int = 0) -> Callable[[int], float]:
+    """Factor on ``base_lr`` at iteration ``it``: mmcv's ``(base - min) * (1 - it/max)^power + min``, times a
+    linear warm-up from 0.1 to 1 over the first ``warmup_iters`` (mmcv's ``warmup='linear'``, ratio 0.1)."""
+    def factor(it: int) -> float:
+        poly = ((base_lr - min_lr) * (1 - min(it, max_iters) / max_iters) ** power + min_lr) / base_lr
+        return poly * (1 - 0.9 * (1 - it / warmup_iters)) if it < warmup_iters else poly
+    return factor
+
+
 class LossWindow:
     """The loss parts of the iterations since the last :meth:`take`, as tensors on the training device.
 
@@ -134,3 +147,56 @@ class LossWindow:
             where = (f"{float(total[k])} at iteration {self.first + k} (found reading iterations {self.first}-"
                      f"{self.first + len(values) - 1})")
         return dict(zip(self.names, values[-1].tolist())), where
+
+
+class LoopClock:
+    """Where the training loop's wall time goes: waiting for the loader, evaluating (with the checkpoints it
+    writes), and the rest, the steps themselves.
+
+    The job-level throughput figure of issue 15: on a machine whose data workers compete with the step for
+    the same cores, ``data_share`` is the part of the loop spent waiting for batches. On CUDA the steps are
+    queued, so a step's GPU time shows where the host waits for it (reading the losses, the next batch's copy).
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.iterations = 0
+        self.data_s = 0.0  # waiting for the next batch
+        self.eval_s = 0.0  # inside evaluating()
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The loader's batches, timing each wait for one."""
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_s += time.perf_counter() - t0
+            self.iterations += 1
+            yield batch
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Time the block as evaluation, not training."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_s += time.perf_counter() - t0
+
+    def summary(self) -> dict[str, float]:
+        """``seconds`` since the start, ``iterations``, ``s_per_iter`` of training alone (no evaluation), the
+        ``data_share`` of that spent waiting for batches, ``data_s``, ``eval_s`` and ``step_s`` (the rest)."""
+        total = time.perf_counter() - self.start
+        training = max(total - self.eval_s, 1e-9)
+        n = max(self.iterations, 1)
+        return {"seconds": total, "iterations": float(self.iterations), "s_per_iter": training / n,
+                "data_share": self.data_s / training, "data_s": self.data_s, "eval_s": self.eval_s,
+                "step_s": training - self.data_s}
+
+    def line(self) -> str:
+        """``0.512 s/iteration (12% waiting for data)`` for the log."""
+        s = self.summary()
+        return f"{s['s_per_iter']:.3f} s/iteration ({100 * s['data_share']:.0f}% waiting for data)"

@@ -31,12 +31,14 @@ AFFINITY = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
 
 
 @pytest.mark.parametrize("cpu, workers, key, env, torch_threads, source", [
-    (CpuInfo(2, None), 2, 0, {}, 1, "auto"),  # 2 workers on 2 cores: torch keeps one, never 0
+    (CpuInfo(2, None), 2, 0, {}, 2, "auto"),  # 2 workers on 2 cores reserve none (a quarter of 2 cores is 0)
     (CpuInfo(8, None), 2, 0, {}, 6, "auto"),
     (CpuInfo(8, None), 0, 0, {}, 8, "auto"),
-    (CpuInfo(8, 2.5), 1, 0, {}, 2, "auto"),  # a quota of 2.5 CPUs counts as 3 cores
+    (CpuInfo(8, 2.5), 1, 0, {}, 3, "auto"),  # a quota of 2.5 CPUs counts as 3 cores
+    (CpuInfo(4, None), 2, 0, {}, 3, "auto"),  # at most a quarter of the cores are kept for the workers
+    (CpuInfo(16, None), 8, 0, {}, 12, "auto"),
     (CpuInfo(64, 4.0), 0, 0, {}, 4, "auto"),  # the quota, not the machine's cores
-    (CpuInfo(16, None, local_processes=4), 2, 0, {}, 2, "auto"),  # torchrun: 4 processes share 16 cores
+    (CpuInfo(16, None, local_processes=4), 2, 0, {}, 3, "auto"),  # torchrun: 4 processes share 16 cores
     (CpuInfo(1, None), 4, 0, {}, 1, "auto"),
     (CpuInfo(4, None), 0, 0, {"OMP_NUM_THREADS": "1"}, 1, "auto, OMP_NUM_THREADS=1"),  # an explicit limit holds
     (CpuInfo(4, None), 0, 0, {"OMP_NUM_THREADS": "8"}, 4, "auto, OMP_NUM_THREADS=8"),  # ... and is never raised to
@@ -52,13 +54,35 @@ def test_the_split(cpu, workers, key, env, torch_threads, source):
 
 def test_the_description_says_the_split_the_cores_and_the_fix():
     p = plan(0, 1, env={}, cpu=CpuInfo(2, None))
-    assert p.description == ("threads: torch 1 + 1 data worker (1 thread each) on 2 usable cores (affinity 2, "
-                             "cgroup quota none); auto: usable cores - data workers; set threads=N or MIRSEG_THREADS")
+    assert p.description == ("threads: torch 2 + 1 data worker (1 thread each, nice +10) on 2 usable cores (affinity "
+                             "2, cgroup quota none); auto: usable cores - min(data workers, cores // 4); set "
+                             "threads=N or MIRSEG_THREADS")
     p = plan(0, 0, env={"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, cpu=CpuInfo(16, 1.5, local_processes=2))
     assert p.description.startswith("threads: torch 1, no data workers, on 1 usable cores (affinity 16, cgroup "
-                                    "quota 1.5 CPUs, shared by 2 torchrun processes); auto: usable cores - data "
-                                    "workers, at most OMP_NUM_THREADS=1;")
+                                    "quota 1.5 CPUs, shared by 2 torchrun processes); auto: usable cores - min(data "
+                                    "workers, cores // 4), at most OMP_NUM_THREADS=1;")
     assert "from threads=3;" in plan(3, 2, env={}, cpu=CpuInfo(2, None)).description
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)  # this process's niceness
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities on this OS")
+def test_data_workers_run_at_a_lower_priority_than_the_job():
+    own = os.nice(0)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
+                                         worker_init_fn=threads.worker_init)
+    assert list(loader) == [min(own + threads.WORKER_NICE, 19)] * 2
+    assert os.nice(0) == own  # the job itself is unchanged
+    # the training loader is one of them (the inference loader passes the same worker_init_fn)
+    cfg = build_config(TrainConfig, {"workers_per_gpu": 1})
+    rt = train_module.dist.Runtime(torch.device("cpu"))
+    assert train_module._loader(_Niceness(), cfg, rt, 0).worker_init_fn is threads.worker_init
 
 
 def test_torchrun_processes_share_the_cores():

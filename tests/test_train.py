@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ from mirseg.constants import IGNORE_INDEX
 from mirseg.data.sampler import IterationSampler
 from mirseg.errors import ConfigError
 from mirseg.loss import auto_class_weight, segmentation_loss
-from mirseg.train import TrainingDiverged, poly_lr, train
-from mirseg.train_state import TrainState
+from mirseg.train import TrainingDiverged, train
+from mirseg.train_state import LoopClock, TrainState, poly_lr
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,33 @@ def test_lr_scaling_and_class_weights_are_logged(shapes, tmp_path, caplog):
     text = caplog.text
     assert "lr scaled (linear) from 0.12 (batch 32 of the preset) to 0.0075 (batch 2)" in text
     assert "class weights (auto): background=" in text
+
+
+def test_the_loop_reports_where_its_time_goes(shapes, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        result = train(_cfg(shapes, tmp_path, max_iters=4, interval=2, samples_per_gpu=2))
+    t = result.timing
+    assert t["iterations"] == 4 and t["s_per_iter"] > 0 and t["eval_s"] > 0 and 0 <= t["data_share"] <= 1
+    assert t["data_s"] + t["step_s"] + t["eval_s"] == pytest.approx(t["seconds"])
+    assert re.search(r"iteration 4/4: loss .* s/iteration \(\d+% waiting for data\)", caplog.text)
+    assert re.search(r"trained 4 iterations: [0-9.]+ s/iteration \(\d+% waiting for data\), [0-9.]+ s evaluating",
+                     caplog.text)
+
+
+def test_loop_clock_counts_the_waits_for_batches_and_the_evaluation():
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    clock = LoopClock()
+    assert list(clock.batches(slow_batches())) == [0, 1, 2]
+    with clock.evaluating():
+        time.sleep(0.05)
+    s = clock.summary()
+    assert s["iterations"] == 3 and s["data_s"] >= 0.15 and s["eval_s"] >= 0.05
+    assert s["data_share"] > 0.9  # nothing else ran: the loop only waited
+    assert s["s_per_iter"] == pytest.approx((s["seconds"] - s["eval_s"]) / 3)
 
 
 def test_scale_and_crop_fit_the_images_unless_given():
