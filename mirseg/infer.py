@@ -22,6 +22,7 @@ Layers, each used by the next and by mining and the YMIR executor (the maths on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from mirseg.layout import choose, forward_timer
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.precision import autocast_dtype
 from mirseg.predict import Predictor, load_predictor, predict_batch
-from mirseg.threads import budgeted, worker_init
+from mirseg.threads import budgeted, in_background, worker_init
 
 log = logging.getLogger("mirseg")
 
@@ -343,12 +344,23 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
         start = dist.broadcast(dist.on_main(open_outputs, rt), rt)
         shards = dist.Shards(len(paths) - start, group_size(cfg.samples_per_gpu), rt)  # this process's images
         mine = [start + i for i in shards.indices()]
-        with interrupt.graceful_stop("the images in flight") as stop:
+        with interrupt.graceful_stop("the images in flight") as stop, contextlib.ExitStack() as writing:
             preds = iter_predictions(predictor, [paths[i] for i in mine], samples_per_gpu=cfg.samples_per_gpu,
                                      workers_per_gpu=cfg.workers_per_gpu, amp=cfg.amp, layout=cfg.layout, flip=cfg.flip,
                                      scales=cfg.scales, keep_original=cfg.save_overlay, stop=lambda: bool(stop))
             # Each image's outputs are written, then (rank 0) its journal line: a line on disk means the image is done.
-            records = (_write_image(pred, names[mine[pred.index]], outputs, encode) for pred in preds)
+            # On a GPU the encoding and writing run on a helper thread while the GPU runs the next batch (the label
+            # map, torch, stays here); on a CPU they would share its cores for nothing, and stop a signal later.
+            def label(p: ImagePrediction) -> tuple:  # here: (prediction, name, label, confidence)
+                name = names[mine[p.index]]
+                return p, name, *(outputs.label_map(name, p.proba, p.size) if p.error is None else (None, None))
+
+            def write(job: tuple) -> dict[str, Any]:  # on the helper thread
+                p, name, label_np, conf = job
+                return outputs.record(name, p.path, p.error, label_np, conf, p.original, encode)
+
+            records = writing.enter_context(contextlib.closing(  # closed on the way out: no write outlives the job
+                in_background(write, (label(p) for p in preds), depth=2 if predictor.device.type == "cuda" else 0)))
             for rec in shards.merge(records, lambda: stop.signum):  # rank 0: every image, in input order
                 add(rec)
                 journal.append(rec)
@@ -375,18 +387,6 @@ def run_inference(cfg: InferConfig, progress: Callable[[float], None] | None = N
                        class_names=list(predictor.class_names), index_tsv=out_dir / "images.tsv")
 
 
-def _write_image(pred: ImagePrediction, name: str, outputs: ImageOutputs,
-                 encode: Callable[..., tuple[dict, list]] | None) -> dict[str, Any]:
-    """Write one image's files (in the process that predicted it); its journal record: name, path, error, COCO
-    image entry and annotations (None and [] when it is unreadable or without save_coco)."""
-    entry, anns = None, []
-    if pred.error is None:
-        label, conf = outputs.write(name, pred.proba, pred.size, pred.original)  # (H, W) each
-        if encode is not None:
-            entry, anns = encode(pred.path, label, conf.cpu().numpy())
-    return {"name": name, "path": pred.path, "error": pred.error, "image": entry, "anns": anns}
-
-
 def _row(image_id: int | None, name: str, path: str, error: str | None) -> str:
     """One line of images.tsv (image_id, name, path, status), the same for a replayed and a new image."""
     return f"{image_id or ''}\t{name}\t{path}\t{_one_line(error or 'ok')}\n"
@@ -394,3 +394,4 @@ def _row(image_id: int | None, name: str, path: str, error: str | None) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+

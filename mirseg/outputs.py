@@ -14,9 +14,10 @@ same function ``mirseg eval`` scores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,18 +80,25 @@ class ImageOutputs:
             if on:
                 (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
 
-    def write(self, name: str, proba: torch.Tensor, size: tuple[int, int],
-              original: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
-        """Write the files of one image; returns its label ``(H, W)`` (uint8, or uint16 above 256 classes) and
-        confidence ``(H, W)`` fp32 at ``size`` (H, W), from ``proba`` ``(C, h, w)`` at the working resolution.
-
-        ``original``: the decoded ``(H, W, 3)`` uint8 RGB image, needed for the overlay.
-        """
+    def label_map(self, name: str, proba: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The label ``(H, W)`` (uint8, or uint16 above 256 classes) and confidence ``(H, W)`` fp32 at ``size``
+        (H, W) from ``proba`` ``(C, h, w)`` at the working resolution, both as numpy arrays; writes
+        ``proba/<name>.npy`` when asked. The torch half of an image's outputs: it stays on the thread that runs
+        the network (see :meth:`write_images`)."""
         if self.proba:
             label_t, conf = write_proba(self.out_dir / "proba" / f"{name}.npy", proba, size)
         else:
             label_t, conf = label_map(proba, size)
         label = label_t.cpu().numpy().astype(np.uint8 if self.num_classes <= 256 else np.uint16)  # class indices
+        return label, conf.cpu().numpy()
+
+    def write_images(self, name: str, label: np.ndarray, original: np.ndarray | None = None) -> None:
+        """Write the label, colour and overlay images of ``label`` (:meth:`label_map`); ``original``: the decoded
+        ``(H, W, 3)`` uint8 RGB image, needed for the overlay.
+
+        numpy and OpenCV's encoders only, no torch: this half may run on a helper thread (a torch operation on a
+        second thread leaves OpenMP unsafe to fork, and every later data loader forks).
+        """
         if self.labels:
             write_image(self.out_dir / "labels" / f"{name}.png", label)
         if self.color:
@@ -99,4 +107,15 @@ class ImageOutputs:
             if original is None:
                 raise ValueError(f"{name}: an overlay needs the decoded image (keep_original=True)")
             write_image(self.out_dir / "overlay" / f"{name}.jpg", overlay(original, label, skip=self.skip))
-        return label, conf
+
+    def record(self, name: str, path: str, error: str | None, label: np.ndarray | None, conf: np.ndarray | None,
+               original: np.ndarray | None, encode: Callable[..., tuple[dict, list]] | None) -> dict[str, Any]:
+        """Write one image's images (:meth:`write_images`; nothing when ``error``) and return its record for
+        ``mirseg infer``'s journal: name, path, error, and with ``encode`` (:func:`mirseg.coco_result.encode_result`)
+        the COCO image entry and annotations (None and [] otherwise). No torch: a helper thread may run it."""
+        entry, anns = None, []
+        if error is None:
+            self.write_images(name, label, original)
+            if encode is not None:
+                entry, anns = encode(path, label, conf)
+        return {"name": name, "path": path, "error": error, "image": entry, "anns": anns}

@@ -1,4 +1,5 @@
-"""The thread budget of a job: how many threads torch and OpenCV may run, so that a job never fights itself for cores.
+"""The thread budget of a job: how many threads torch and OpenCV may run, so that a job never fights itself for cores;
+and :func:`in_background`, the one helper thread a job may start (``mirseg infer`` writes its files on it).
 
 PyTorch starts one intra-op thread per physical core, whatever else runs: its data workers, a second job,
 a container limited to fewer CPUs than the machine has. Every OpenMP barrier then waits for a thread that
@@ -39,7 +40,9 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -269,6 +272,8 @@ def budget(threads_key: int, workers: int) -> Iterator[Plan]:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def budgeted(job: F) -> F:
@@ -280,5 +285,29 @@ def budgeted(job: F) -> F:
     return run  # type: ignore[return-value]
 
 
+
+def in_background(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, computed on one helper thread while the caller produces the next items;
+    ``depth`` 0: on the caller's thread, one at a time.
+
+    At most ``depth`` results wait unread (their items are kept alive until then). An exception in ``fn`` is
+    raised where its result is read. When the iteration ends early (the reader stops, or ``items`` raises),
+    the calls already started finish before this returns; their results are dropped. The items are taken up
+    to ``depth + 1`` ahead of the reader. Where the work of ``fn`` and of the producer share the same busy
+    cores it gains nothing (``mirseg infer`` of 1024x2048 images on 2 cores: 901-946 ms/image with it, 911-917
+    without): it pays where the producer's work runs elsewhere (a GPU).
+    """
+    if depth < 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="mirseg-background") as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            while len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
 __all__ = ["ENV_VAR", "WORKER_NICE", "CpuInfo", "Plan", "apply", "budget", "budgeted", "cgroup_quota", "cpu_info",
-           "plan", "restore", "usable_cores", "worker_init"]
+           "in_background", "plan", "restore", "usable_cores", "worker_init"]

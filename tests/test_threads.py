@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -211,3 +212,48 @@ def test_infer_and_mine_honour_mirseg_threads(job, tmp_path, caplog, monkeypatch
     assert probe.seen and set(probe.seen) == {2}
     assert torch.get_num_threads() == before
     assert "threads: torch 2, no data workers, on " in caplog.text and "from MIRSEG_THREADS=2;" in caplog.text
+
+
+# -- the background thread
+
+
+def test_in_background_keeps_the_order_runs_ahead_by_at_most_depth_and_raises_where_read():
+    started: list[int] = []
+
+    def slow_square(x: int) -> int:
+        started.append(x)
+        time.sleep(0.01 * (3 - x % 3))  # later items finish first: the order is the items', not the finishing
+        if x == 7:
+            raise ValueError("seven")
+        return x * x
+
+    out = threads.in_background(slow_square, range(10), depth=2)
+    assert [next(out) for _ in range(3)] == [0, 1, 4]
+    time.sleep(0.1)
+    assert len(started) <= 3 + 2 + 1  # read 3, at most 2 waiting unread, and one being submitted
+    assert [next(out) for _ in range(4)] == [9, 16, 25, 36]
+    with pytest.raises(ValueError, match="seven"):
+        next(out)
+
+
+def test_in_background_at_depth_0_runs_each_call_when_its_result_is_read():
+    started: list[int] = []
+    out = threads.in_background(lambda x: started.append(x) or x, range(5), depth=0)
+    assert next(out) == 0 and started == [0]
+    assert list(out) == [1, 2, 3, 4] and started == [0, 1, 2, 3, 4]
+
+
+def test_in_background_finishes_the_calls_started_when_the_reader_stops():
+    done: list[int] = []
+
+    def write(x: int) -> int:
+        time.sleep(0.05)
+        done.append(x)
+        return x
+
+    out = threads.in_background(write, range(100), depth=2)
+    assert next(out) == 0
+    out.close()  # what contextlib.closing does on the way out of mirseg infer
+    assert 1 <= len(done) <= 4 and done == list(range(len(done)))  # started ones finished, in order; no others
+    time.sleep(0.1)
+    assert len(done) <= 4
