@@ -10,7 +10,10 @@ random inputs so the logits have a realistic scale), generates ``--images`` scen
   processes, forward, resize back, argmax, label PNG and COCO RLE JSON written), the best of
   ``--repeat`` runs after a one-image warm-up; the working scale is the image size itself
   (``img_scale`` = W x H), so 1024x2048 images run as the Cityscapes presets do.
-* **forward ms**: the network alone on one 1x3xHxW input, median of ``--repeat`` after a warm-up.
+* **forward ms**: the network alone on one 1x3xHxW input, median of ``--repeat`` after a warm-up;
+* **share of bare forward**: images/s x forward seconds, the part of the job's time that is the network
+  (the goal of issue 15: at least 80 %). The rest is decoding, the softmax and label map at full size,
+  and encoding the PNG and RLE outputs, which on a small CPU share the network's cores.
 
 Backends: ``torch`` (eager, BatchNorm folded, channels-last, fp32), ``torch+amp`` with ``--amp``
 (bf16 autocast on CPU, fp16 on CUDA), ``onnxruntime`` (CPU provider, the ``mirseg export`` model).
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_ms  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
@@ -61,16 +63,6 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
     config = {"config_file": arch, "img_scale": [w, h], "test_mode": "whole"}
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up: oneDNN / ONNX Runtime pick and cache kernels on the first call
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def forward_fn(predictor, amp: bool, x: torch.Tensor):
@@ -139,7 +131,7 @@ def main() -> None:
     print(f"# {args.images} generated {h}x{w} PNG images, img_scale {w}x{h} (no resize), 19 classes, batch "
           f"{args.batch}, {args.workers} loader workers; outputs: label PNG + COCO RLE JSON; best of {args.repeat} "
           "runs")
-    header = ("model", "backend", "images/s end to end", "forward ms")
+    header = ("model", "backend", "images/s end to end", "forward ms", "share of bare forward")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     with tempfile.TemporaryDirectory(prefix="mirseg-bench-") as tmp_name:
@@ -167,7 +159,7 @@ def main() -> None:
                 ms = median_ms(forward, args.repeat)
                 run_cfg = build_config(InferConfig, {**_values(cfg), "amp": amp})
                 ips = end_to_end(run_cfg, pred, args.images, args.repeat, warm)
-                print(f"| {arch} | {name} | {ips:.2f} | {ms:.0f} |", flush=True)
+                print(f"| {arch} | {name} | {ips:.2f} | {ms:.0f} | {100 * ips * ms / 1000:.0f}% |", flush=True)
     print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
