@@ -35,34 +35,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_ms  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_ms, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 
-from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.export import export  # noqa: E402
 from mirseg.exported import OnnxModule, onnx_predictor  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.infer import load_predictor, run_inference  # noqa: E402
-from mirseg.models import MODELS, build_model  # noqa: E402
+from mirseg.models import MODELS  # noqa: E402
 from mirseg.precision import autocast_dtype  # noqa: E402
-
-
-def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:
-    """Random weights with BatchNorm statistics from random inputs (fresh ones make HRNet's logits explode)."""
-    torch.manual_seed(0)
-    model = build_model(arch, num_classes)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(2, 3, 128, 256))
-    h, w = size
-    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
-    config = {"config_file": arch, "img_scale": [w, h], "test_mode": "whole"}
-    atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
 def forward_fn(predictor, amp: bool, x: torch.Tensor):

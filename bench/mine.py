@@ -50,10 +50,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import bare_forward_ms, cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import bare_forward_ms, cpu_model, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 from score_quality import default_arms, markdown, per_image_tsv, score_quality  # noqa: E402  (beside this script)
 
-from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.config import MineConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
@@ -61,26 +60,8 @@ from mirseg.infer import iter_predictions, load_predictor  # noqa: E402
 from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.mining.ripu import IMAGE_SCORES  # noqa: E402
-from mirseg.models import build_model  # noqa: E402
 
 CAMVID = Path("/work/shared/data/camvid")
-
-
-def random_checkpoint(path: Path, num_classes: int, size: tuple[int, int]) -> None:
-    """A FastSCNN checkpoint with random weights and BatchNorm statistics of random inputs."""
-    torch.manual_seed(0)
-    model = build_model("fastscnn", num_classes)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(2, 3, 128, 256))
-    h, w = size
-    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
-    config = {"config_file": "fastscnn", "img_scale": [w, h], "test_mode": "whole"}
-    atomic_save(make_checkpoint(model.eval(), "fastscnn", names, config=config), path)
 
 
 def load() -> str:
@@ -107,7 +88,7 @@ def speed(args: argparse.Namespace, tmp: Path) -> None:
     warm = tmp / "warm.txt"
     write_atomic(warm, "\n".join(paths[:2]) + "\n")
     ckpt = tmp / "fastscnn.pth"
-    random_checkpoint(ckpt, args.classes, (h, w))
+    random_checkpoint("fastscnn", ckpt, (h, w), args.classes)
     predictor = load_predictor(ckpt, device="cpu")
     algorithms = args.algorithms
     print(f"## speed: {args.count} generated {h}x{w} PNG images, img_scale {w}x{h}, FastSCNN with {args.classes} "
@@ -139,7 +120,7 @@ def memory(args: argparse.Namespace, tmp: Path) -> None:
     data = make_dataset(tmp / "pool", max(counts), size=(h, w), num_classes=3, seed=1)
     paths = sorted(str(p) for p in data.images.iterdir())
     ckpt = tmp / "fastscnn_mem.pth"
-    random_checkpoint(ckpt, args.classes, (h, w))
+    random_checkpoint("fastscnn", ckpt, (h, w), args.classes)
     print(f"\n## memory: RSAL over N generated {h}x{w} images, img_scale {w}x{h}, a fresh process per N")
     print("| candidates | peak RSS main (MB) | peak RSS loader worker (MB) | seconds |")
     print("|---|---|---|---|")

@@ -15,7 +15,12 @@ as a share of that limit. Then one row per network:
 - the bf16/fp32 label agreement (argmax of the logits, channels-last);
 - one training step, seconds (batch 2, 3x``--train-size``, default 512x512: forward, the training
   loop's loss ``mirseg.loss.segmentation_loss`` with the auxiliary heads, backward, SGD with
-  momentum and weight decay), in NCHW and channels-last, fp32 and bf16.
+  momentum and weight decay), in NCHW and channels-last, fp32 and bf16;
+- the job: ``mirseg infer`` (``run_inference``, 2 loader workers, batch 2, label PNGs and the COCO RLE JSON,
+  the layout chosen as ``layout=auto`` does) over ``--job-images`` generated images of ``--size`` with
+  random weights, images/s (best of 2 after a warm-up), and the best fp32 forward as a share of its time
+  per image (issue 15's goal: at least 80 %; ``--job-images 0`` leaves it out). Training as a job is
+  ``bench/train_camvid.py`` (minutes per network): it prints the loop against the bare step.
 
 On a CPU without native bf16 the bf16 columns are emulated by oneDNN (several times slower than fp32, so
 not what ``amp`` runs: see README "Speed on CPUs"); ``--no-emulated-bf16`` leaves them out there. Every
@@ -28,19 +33,25 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, native_bf16  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, native_bf16, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 
+from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.constants import IGNORE_INDEX  # noqa: E402
+from mirseg.data.synthetic import make_dataset  # noqa: E402
+from mirseg.infer import load_predictor, run_inference  # noqa: E402
 from mirseg.loss import segmentation_loss  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
 from mirseg.precision import DTYPE_NAMES, autocast  # noqa: E402
@@ -117,6 +128,24 @@ def train_step_time(name: str, fmt: torch.memory_format, dtype: torch.dtype | No
     return median_time(step, max(repeat // 2, 2), sync)
 
 
+def infer_job(name: str, images: Path, size: tuple[int, int], work: Path, device: torch.device) -> float:
+    """Images per second of ``run_inference`` over ``images`` with a random-weight ``name`` checkpoint at ``size``
+    (H, W), best of 2 after a warm-up run."""
+    ckpt = work / f"{name}.pth"
+    random_checkpoint(name, ckpt, size)
+    predictor = load_predictor(ckpt, device=device)
+    cfg = build_config(InferConfig, {"checkpoint": str(ckpt), "images": str(images), "out_dir": str(work / "out"),
+                                     "device": str(device), "samples_per_gpu": 2, "workers_per_gpu": 2})
+    count = len(list(images.iterdir()))
+    run_inference(cfg, predictor=predictor)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run_inference(cfg, predictor=predictor)
+        best = min(best, time.perf_counter() - t0)
+    return count / best
+
+
 def pair(text: str) -> tuple[int, int]:
     h, w = (int(v) for v in text.lower().split("x"))
     return h, w
@@ -139,6 +168,7 @@ def main() -> None:
     parser.add_argument("--gemm", type=int, default=2048, help="side of the square GEMM of the first line")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timings")
+    parser.add_argument("--job-images", type=int, default=4, help="images of the infer job (default 4; 0: skip)")
     parser.add_argument("--no-emulated-bf16", action="store_true",
                         help="on a CPU without native bf16, leave the bf16 columns out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,9 +195,12 @@ def main() -> None:
           f"{args.repeat} runs; {half_name} columns{emulated}")
     header = ["network", "params (M)", "GFLOP", "fp32 NCHW", "fp32 CL", f"{half_name} NCHW", f"{half_name} CL",
               "best fp32 GFLOP/s (% GEMM)", "label agree", "train fp32 NCHW", "train fp32 CL",
-              f"train {half_name} NCHW", f"train {half_name} CL"]
+              f"train {half_name} NCHW", f"train {half_name} CL", "infer job img/s (bare forward share)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    work = Path(tempfile.mkdtemp(prefix="mirseg-models-"))
+    job_images = (make_dataset(work / "data", args.job_images, size=(h, w), num_classes=3, seed=0).images
+                  if args.job_images > 0 else None)
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(name, 19).eval().to(device)
@@ -187,7 +220,13 @@ def main() -> None:
                "n/a" if agree is None else f"{agree:.4f}",
                fmt_s(train["NCHW", None]), fmt_s(train["CL", None]), fmt_s(train.get(("NCHW", half))),
                fmt_s(train.get(("CL", half)))]
+        if job_images is not None:
+            ips = infer_job(name, job_images, args.size, work, device)
+            row.append(f"{ips:.2f} ({100 * ips * best32:.0f} %)")
+        else:
+            row.append("-")
         print("| " + " | ".join(row) + " |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 
 
