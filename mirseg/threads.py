@@ -22,7 +22,7 @@ with 2 threads and 0.12 s with one on a busy 2-core machine). The budget, decide
 
 Why workers reserve at most a quarter of the cores: they need little. On CamVid (FastSCNN, batch 4,
 360x480 crops, 2 workers, 2-core AMD EPYC) the loop waited for data 1 % of the time with torch on both
-cores, and ran at 0.51-0.53 s/iteration against 0.82 with the earlier rule (torch on cores - workers = 1);
+cores, and ran at 0.51-0.59 s/iteration (5 runs) against 0.82 with the earlier rule (torch on cores - workers = 1);
 ``mirseg infer`` of 1024x2048 images ran at 989 ms/image against 1268 (``bench/train_camvid.py``,
 ``bench/infer.py``). A whole core per worker halves a small machine for work that takes a tenth of one.
 
