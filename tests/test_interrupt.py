@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from mirseg import infer as infer_module
+from mirseg import threads
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import InferConfig, MineConfig, TrainConfig, build_config
@@ -363,6 +365,24 @@ def test_infer_resume_in_process_at_a_chosen_image_and_bad_resumes(trained_fasts
     with caplog.at_level(logging.INFO, logger="mirseg"):
         run_inference(cfg)
     assert f"discarding {tmp_path / JOURNAL}, left by an interrupted run" in caplog.text
+    assert _tree(tmp_path) == infer_reference
+
+
+def test_infer_writing_on_the_helper_thread_writes_the_same_files_and_resumes(trained_fastscnn, pool, infer_reference,
+                                                                               tmp_path, monkeypatch):
+    """The GPU path of run_inference (an image's files encoded and written on a helper thread, two images behind the
+    network), forced on the CPU: the same files as inline writing, and a stop (later: the thread's images finish
+    first) that resumes to them."""
+    monkeypatch.setattr(infer_module, "in_background",
+                        lambda fn, items, depth=0: threads.in_background(fn, items, depth=2))
+    values = {**dict(k.split("=") for k in INFER_KEYS), "checkpoint": str(trained_fastscnn[0]), "images": str(pool),
+              "out_dir": str(tmp_path)}
+    run_inference(build_config(InferConfig, values))
+    assert _tree(tmp_path) == infer_reference
+    shutil.rmtree(tmp_path)
+    with pytest.raises(Interrupted, match=r"after (6|12) of 19 images"):  # a whole group: at a clean point
+        run_inference(build_config(InferConfig, values), progress=_kill_self_at(5, signal.SIGINT))
+    run_inference(build_config(InferConfig, {**values, "resume": True}))
     assert _tree(tmp_path) == infer_reference
 
 
