@@ -149,7 +149,7 @@ class InferConfig:
     trust_checkpoint: bool = False  # true: fully unpickle the checkpoint (runs its code: trusted files only)
     images: str = ""  # image folder, glob pattern ("data/*.jpg"), or a text file listing image paths
     out_dir: str = "runs/infer"  # where the outputs go
-    samples_per_gpu: int = 2  # images per forward pass (same-size images are batched together)
+    samples_per_gpu: int = 2  # images per forward pass, same-size ones together (CPU: at most 2^20 pixels)
     workers_per_gpu: int = 2  # image-decoding worker processes
     threads: int = 0  # torch threads; 0: $MIRSEG_THREADS, else cores - min(workers, cores // 4) (README: Threads)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -198,7 +198,7 @@ class MineConfig:
     topk_percent: float = 10.0  # baselines with reduction topk: the share of pixels averaged
     sampling: Literal["top", "power"] = "top"  # top: sort by score; power: draw max_kept_mining_image by score^beta
     power_beta: float = 1.0  # sampling power: the exponent (larger: closer to plain top-N)
-    samples_per_gpu: int = 2  # images per forward pass
+    samples_per_gpu: int = 2  # images per forward pass (CPU: at most 2^20 pixels)
     workers_per_gpu: int = 2  # image-decoding worker processes
     threads: int = 0  # torch threads; 0: $MIRSEG_THREADS, else cores - min(workers, cores // 4) (README: Threads)
     fp16: bool = True  # autocast fp16 on CUDA (ignored on CPU)

@@ -45,7 +45,7 @@ from mirseg.fileio import AtomicFile, write_atomic
 from mirseg.layout import choose, forward_timer
 from mirseg.outputs import ImageOutputs, output_names
 from mirseg.precision import autocast_dtype
-from mirseg.predict import Predictor, load_predictor, predict_batch
+from mirseg.predict import Predictor, batch_limit, load_predictor, predict_batch
 from mirseg.threads import budgeted, in_background, worker_init
 
 log = logging.getLogger("mirseg")
@@ -166,7 +166,8 @@ def iter_predictions(
 ) -> Iterator[ImagePrediction]:
     """One :class:`ImagePrediction` per path, in input order; unreadable images yield ``error``, never raise.
 
-    ``samples_per_gpu`` images of the same working size go through the network together; batches are
+    ``samples_per_gpu`` images of the same working size go through the network together (on a CPU no more
+    than :func:`mirseg.predict.batch_limit` lets: 2^20 pixels); batches are
     formed within fixed groups of :func:`group_size` consecutive images (``2 * samples_per_gpu``: the
     first, the next, ...; an image waits for its batch at most until its group ends, so memory stays
     bounded), so a batch's members depend on the group alone, never on where the iteration started
@@ -220,7 +221,7 @@ def iter_predictions(
         else:
             bucket = buckets.setdefault(item.key, [])
             bucket.append(item)
-            if len(bucket) >= samples_per_gpu:
+            if len(bucket) >= batch_limit(predictor.device, item.views, samples_per_gpu):
                 run(item.key)
         end_of_group = (item.index + 1) % group == 0 or item.index + 1 == len(paths)
         while end_of_group and buckets:  # the group's partial batches, oldest first: no batch spans two groups

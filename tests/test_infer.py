@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mirseg import predict
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.coco_result import CocoResultWriter, encode_mask, mask_bbox
@@ -234,6 +235,24 @@ def test_mixed_sizes_in_one_batch_come_back_at_their_own_sizes(trained_fastscnn,
     for name, size in sizes.items():
         assert cv2.imread(str(tmp_path / "out" / "labels" / f"{name}.png"), cv2.IMREAD_UNCHANGED).shape == size
     assert result.num_images == 5 and not result.failed
+
+
+def test_a_cpu_batch_holds_at_most_its_pixel_budget(trained_fastscnn, tmp_path, monkeypatch):
+    """With the budget at three 96x96 images, samples_per_gpu=4 runs the 96x128 images two at a time and the 96x96
+    ones three at a time (the fourth alone, at the group's end); on a GPU samples_per_gpu alone decides."""
+    ckpt, _, val = trained_fastscnn
+    src = cv2.imread(str(sorted(val.images.glob("*.png"))[0]))[..., ::-1]  # (96, 128, 3) RGB
+    for i in range(4):
+        _write_rgb(tmp_path / "imgs" / f"a{i}.png", src)
+        _write_rgb(tmp_path / "imgs" / f"b{i}.png", np.ascontiguousarray(src[:, :96]))
+    monkeypatch.setattr(predict, "CPU_BATCH_PIXELS", 3 * 96 * 96)
+    p = load_predictor(ckpt, device="cpu")
+    p.model = _Recorder(p.model)
+    got = list(iter_predictions(p, list_images(tmp_path / "imgs"), samples_per_gpu=4, workers_per_gpu=0))
+    assert [g.size for g in got] == [(96, 128)] * 4 + [(96, 96)] * 4
+    assert p.model.shapes == [(2, 3, 96, 128), (2, 3, 96, 128), (3, 3, 96, 96), (1, 3, 96, 96)]
+    assert predict.batch_limit(torch.device("cuda"), [torch.zeros(3, 96, 128)], 4) == 4
+    assert predict.batch_limit(torch.device("cpu"), [torch.zeros(3, 2000, 2000)], 4) == 1  # never 0
 
 
 def test_coco_json_round_trips_through_pycocotools(trained_fastscnn, tmp_path):
