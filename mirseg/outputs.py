@@ -96,8 +96,8 @@ class ImageOutputs:
         """Write the label, colour and overlay images of ``label`` (:meth:`label_map`); ``original``: the decoded
         ``(H, W, 3)`` uint8 RGB image, needed for the overlay.
 
-        numpy and OpenCV's encoders only, no torch: this half may run on a helper thread (a torch operation on a
-        second thread leaves OpenMP unsafe to fork, and every later data loader forks).
+        numpy and OpenCV's encoders only, no torch: this half may run on a helper thread, where torch operations
+        would start a second pool of intra-op threads beside the network's, on the same cores.
         """
         if self.labels:
             write_image(self.out_dir / "labels" / f"{name}.png", label)

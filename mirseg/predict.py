@@ -164,9 +164,10 @@ def batch_limit(device: torch.device, views: Sequence[torch.Tensor], samples_per
 
     ``samples_per_gpu`` on a GPU. On a CPU at most :data:`CPU_BATCH_PIXELS` pixels: batching buys a CPU little
     (each kernel already spreads one image over the cores) and big batches fall out of the caches. FastSCNN on
-    2 cores (AMD EPYC): at 1024x2048, 294 ms per image alone against 452 at batch 2, and ``mirseg infer`` 1.56
-    images/s against 1.03; at 512x1024 batch 2 is the faster (78 against 81 ms), at 360x480 HRNet-W18s gains
-    31 % from it. A function of the images' size alone, so a group's batches never depend on how a run is split.
+    2 cores (AMD EPYC): at 1024x2048, 294 ms per image alone against 452 at batch 2, and ``mirseg infer`` 1.53
+    images/s against 1.03; at 512x1024 batch 2 is the faster (78 against 81 ms), at 360x480 HRNet-W18s takes
+    31 % less time per image with it (115 against 166 ms). A function of the images' size alone, so a group's
+    batches never depend on how a run is split.
     """
     if device.type != "cpu":
         return samples_per_gpu
