@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_ms, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_seconds, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> None:
             backends.append(("onnxruntime", onnx_predictor(onnx_path), False))
             for name, pred, amp in backends:
                 forward = forward_fn(pred, amp, x)
-                ms = median_ms(forward, args.repeat)
+                ms = 1000 * median_seconds(forward, args.repeat)
                 run_cfg = build_config(InferConfig, {**_values(cfg), "amp": amp})
                 ips = end_to_end(run_cfg, pred, args.images, args.repeat, warm)
                 print(f"| {arch} | {name} | {ips:.2f} | {ms:.0f} | {100 * ips * ms / 1000:.0f}% |", flush=True)

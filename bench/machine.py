@@ -1,6 +1,6 @@
 """What the benches share: the CPU model every bench prints on its first line (the figures depend on it; read by
-mirseg.machine), the bare forward pass each job-level figure is a share of, and a random-weight checkpoint to
-time jobs with."""
+mirseg.machine), the median timer, the bare forward pass and the bare training step each job-level figure is a
+share of, and a random-weight checkpoint to time jobs with."""
 
 from __future__ import annotations
 
@@ -12,20 +12,26 @@ from pathlib import Path
 import torch
 
 from mirseg.checkpoint import atomic_save, make_checkpoint
+from mirseg.constants import IGNORE_INDEX
+from mirseg.loss import segmentation_loss
 from mirseg.machine import cpu_model, native_bf16
 from mirseg.models import build_model
+from mirseg.precision import autocast
 
 
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeat`` calls after one warm-up (oneDNN / ONNX Runtime pick and
-    cache their kernels on the first)."""
-    fn()
+def median_seconds(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None,
+                   warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` (oneDNN / ONNX Runtime pick and cache
+    their kernels on the first); ``sync`` (e.g. ``torch.cuda.synchronize``) after each call."""
     times = []
-    for _ in range(repeat):
+    for i in range(warmup + repeat):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        if sync is not None:
+            sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def bare_forward_ms(model: torch.nn.Module, size: tuple[int, int], repeat: int) -> float:
@@ -38,10 +44,35 @@ def bare_forward_ms(model: torch.nn.Module, size: tuple[int, int], repeat: int) 
     def forward() -> None:
         with torch.inference_mode():
             model(x)["out"].float()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    return median_ms(forward, repeat)
+    return 1000 * median_seconds(forward, repeat, torch.cuda.synchronize if device.type == "cuda" else None)
+
+
+def train_step(arch: str, batch: int, size: tuple[int, int], *, num_classes: int = 19,
+               device: torch.device | str = "cpu", memory_format: torch.memory_format = torch.contiguous_format,
+               dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One training step per call, as ``mirseg train`` takes it: forward under autocast ``dtype`` (None: fp32), the
+    loop's loss (:func:`mirseg.loss.segmentation_loss`, auxiliary heads included, fp32), backward and SGD with
+    momentum and weight decay, of a fresh ``arch`` in ``memory_format`` on one fixed random batch ``(batch, 3,
+    *size)``, the top eighth of its labels ignored (as void is in real labels). No GradScaler: CPU steps."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes).to(device).train().to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    h, w = size
+    x = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (batch, h, w), device=device)
+    labels[:, : h // 8] = IGNORE_INDEX
+
+    def step() -> None:
+        with autocast(device.type, dtype):
+            out = model(x)
+        loss, _ = segmentation_loss(out, labels, model.aux_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 
@@ -64,4 +95,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["bare_forward_ms", "cpu_model", "median_ms", "native_bf16", "random_checkpoint"]
+__all__ = ["bare_forward_ms", "cpu_model", "median_seconds", "native_bf16", "random_checkpoint",
+           "train_step"]

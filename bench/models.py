@@ -34,7 +34,6 @@ import argparse
 import copy
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -46,13 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, native_bf16, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_seconds, native_bf16, random_checkpoint, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
-from mirseg.constants import IGNORE_INDEX  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.infer import load_predictor, run_inference  # noqa: E402
-from mirseg.loss import segmentation_loss  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
 from mirseg.precision import DTYPE_NAMES, autocast  # noqa: E402
 from mirseg.predict import prepare_for_inference  # noqa: E402
@@ -60,25 +57,12 @@ from mirseg.predict import prepare_for_inference  # noqa: E402
 LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 
 
-def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up (oneDNN makes its kernels on the first)."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def gemm_gflops(n: int, dtype: torch.dtype, device: torch.device, repeat: int, sync: Callable[[], None]) -> float:
     """GFLOP/s of an n x n by n x n matrix product in ``dtype`` (2 n^3 FLOP)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
-    return 2 * n**3 / median_time(lambda: torch.mm(a, b), repeat, sync) / 1e9
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeat, sync) / 1e9
 
 
 def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -100,32 +84,11 @@ def infer_times(model: torch.nn.Module, x: torch.Tensor, dtypes: list, repeat: i
             def run(dtype=dtype, xf=xf):
                 with torch.inference_mode(), autocast(x.device.type, dtype):
                     return fast(xf)["out"]
-            times[name, dtype] = median_time(run, repeat, sync)
+            times[name, dtype] = median_seconds(run, repeat, sync)
             if name == "CL":
                 labels[dtype] = run().float().argmax(1)
     agree = (labels[torch.bfloat16] == labels[None]).float().mean().item() if torch.bfloat16 in labels else None
     return times, agree
-
-
-def train_step_time(name: str, fmt: torch.memory_format, dtype: torch.dtype | None, size: tuple[int, int],
-                    repeat: int, device: torch.device, sync: Callable[[], None]) -> float:
-    """Median seconds of one training step of a fresh ``name`` (19 classes) at batch 2 of ``size`` (h, w)."""
-    torch.manual_seed(0)
-    model = build_model(name, 19).to(device).train().to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(2, 3, *size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 19, (2, *size), device=device)
-    y[:, :8] = IGNORE_INDEX
-
-    def step() -> None:
-        with autocast(device.type, dtype):
-            out = model(x)
-        loss, _ = segmentation_loss(out, y, model.aux_weights)  # fp32, as the training loop takes it
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return median_time(step, max(repeat // 2, 2), sync)
 
 
 def infer_job(name: str, images: Path, size: tuple[int, int], work: Path, device: torch.device) -> float:
@@ -213,7 +176,8 @@ def main() -> None:
         for lay, fmt in LAYOUTS.items():
             for dtype in dtypes:
                 train[lay, dtype] = None if args.no_train else \
-                    train_step_time(name, fmt, dtype, args.train_size, args.repeat, device, sync)
+                    median_seconds(train_step(name, 2, args.train_size, device=device, memory_format=fmt, dtype=dtype),
+                                   max(args.repeat // 2, 2), sync)
         row = [name, f"{params:.2f}", f"{flops:.1f}", fmt_ms(times["NCHW", None]), fmt_ms(times["CL", None]),
                fmt_ms(times.get(("NCHW", half))), fmt_ms(times.get(("CL", half))),
                f"{flops / best32:.0f} ({100 * flops / best32 / g32:.0f} %)",

@@ -31,10 +31,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
-from mirseg.loss import segmentation_loss  # noqa: E402
-from mirseg.models import build_model  # noqa: E402
 from mirseg.threads import cpu_info, plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,17 +56,11 @@ def child(setting: str, repeat: int, batch: int, size: int) -> None:
     n = _threads_for(setting)
     if n is not None:
         torch.set_num_threads(n)
-    torch.manual_seed(0)
-    model = build_model("fastscnn", 19).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 19, (batch, size, size))
+    one_step = train_step("fastscnn", batch, (size, size))
 
     def step() -> float:
         t0 = time.perf_counter()
-        loss, _ = segmentation_loss(model(images), labels, model.aux_weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        one_step()
         return time.perf_counter() - t0
 
     step(), step()  # the first steps allocate and pick kernels

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,45 +32,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_seconds, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import layout, threads  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
 from mirseg.coerce import parse_overrides  # noqa: E402
 from mirseg.config import TrainConfig, build_config  # noqa: E402
-from mirseg.constants import IGNORE_INDEX  # noqa: E402
-from mirseg.loss import segmentation_loss  # noqa: E402
-from mirseg.models import build_model  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
            "bicyclist"]
-
-
-def bare_step(cfg: TrainConfig, num_classes: int, choice: layout.Choice, iters: int, warmup: int) -> float:
-    """Median seconds of one training step (forward, loss, backward, SGD) on a fixed random batch of the run's
-    shape (``samples_per_gpu`` x 3 x crop), in the run's layout and autocast dtype, on every usable core."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes).train().to(memory_format=choice.memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
-    h, w = cfg.crop_size
-    x = torch.randn(cfg.samples_per_gpu, 3, h, w).contiguous(memory_format=choice.memory_format)
-    labels = torch.randint(0, num_classes, (cfg.samples_per_gpu, h, w))
-    labels[:, : h // 8] = IGNORE_INDEX  # like void in CamVid
-    times = []
-    with threads.budget(0, 0):  # the reference: every usable core, no workers
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            with choice.autocast("cpu"):
-                out = model(x)
-            loss, _ = segmentation_loss(out, labels, getattr(model, "aux_weights", ()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -116,7 +87,10 @@ def main() -> None:
             m, t = result.last_metrics, result.timing
             choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
             choice = choice or layout.Choice("contiguous")
-            step = bare_step(cfg, len(CLASSES), choice, args.step_iters, args.step_warmup)
+            with threads.budget(0, 0):  # the reference: every usable core, no workers
+                step = median_seconds(train_step(cfg.model, cfg.samples_per_gpu, tuple(cfg.crop_size),
+                                                 num_classes=len(CLASSES), memory_format=choice.memory_format,
+                                                 dtype=choice.dtype), args.step_iters, warmup=args.step_warmup)
             print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} | "
                   f"{t['s_per_iter']:.3f} | {100 * t['data_share']:.0f}% | {step:.3f} | "
                   f"{100 * step / t['s_per_iter']:.0f}% |", flush=True)
