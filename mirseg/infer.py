@@ -395,4 +395,3 @@ def _row(image_id: int | None, name: str, path: str, error: str | None) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
-

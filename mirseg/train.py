@@ -330,7 +330,7 @@ def _read_losses(run: _Run, state: TrainState, log_them: bool) -> None:
     run.writer.add_scalar("time/s_per_iter", timing["s_per_iter"], done)
     run.writer.add_scalar("time/data_share", timing["data_share"], done)
     log.info("iteration %d/%d: loss %.4f (%s)  lr %.3e  %s", done, run.cfg.max_iters, parts["total"],
-             ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr, run.clock.line())
+             ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total"), lr, run.clock.line(timing))
 
 
 def _after_eval(run: _Run, state: TrainState, metrics: dict[str, Any], rank_rng: list[Any] | None) -> None:

@@ -196,7 +196,7 @@ class LoopClock:
                 "data_share": self.data_s / training, "data_s": self.data_s, "eval_s": self.eval_s,
                 "step_s": training - self.data_s}
 
-    def line(self) -> str:
-        """``0.512 s/iteration (12% waiting for data)`` for the log."""
-        s = self.summary()
+    def line(self, s: dict[str, float] | None = None) -> str:
+        """``0.512 s/iteration (12% waiting for data)`` for the log, of ``s`` (default: :meth:`summary` now)."""
+        s = s or self.summary()
         return f"{s['s_per_iter']:.3f} s/iteration ({100 * s['data_share']:.0f}% waiting for data)"
