@@ -17,7 +17,9 @@ machine's speed between rounds moves both sides of a ratio alike.
   the faster of NCHW and channels-last (``layout=auto`` picks by timing); the reference in the faster of NCHW and
   channels-last as mmseg runs it (the goal's reference: mmseg 0.27 folds no BatchNorm), and, in a column of its
   own, with mmcv's ``fuse_conv_bn`` as well: what is left of the ratio when the reference is given mirseg's own
-  inference step. bf16 autocast columns on a CPU with native bf16.
+  inference step. bf16 autocast columns on a CPU with native bf16. With onnxruntime installed (``mirseg[export]``)
+  also the same weights exported by ``mirseg export`` and run by ONNX Runtime, as ``mirseg infer model.onnx`` does,
+  against the reference as mmseg runs it.
 * **training step**: batch 2, 3x``--train-size``, s (``bench/machine.train_step``: forward, the loop's loss with
   the auxiliary heads, backward, SGD; the reference: ``forward_train``, ``_parse_losses``, backward, SGD), the
   faster layout on each side.
@@ -42,6 +44,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from machine import cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
+from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
+from mirseg.export import export  # noqa: E402
+from mirseg.exported import ort_session  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
 from mirseg.precision import autocast  # noqa: E402
 from mirseg.predict import prepare_for_inference  # noqa: E402
@@ -100,6 +105,25 @@ def ours_infer(arch: str, size: tuple[int, int], dtypes: list, repeat: int) -> d
     return times
 
 
+def ours_onnx(arch: str, weights: Path, size: tuple[int, int], repeat: int) -> float | None:
+    """Seconds per 1x3x``size`` image of the network (the reference's weights) exported by ``mirseg export`` and run
+    by ONNX Runtime, as ``mirseg infer model.onnx`` runs it; None without onnxruntime (``mirseg[export]``)."""
+    try:
+        import onnxruntime  # noqa: F401  (optional: pip install 'mirseg[export]')
+    except ImportError:
+        return None
+    ckpt, onnx = weights.with_suffix(".pth"), weights.with_suffix(".onnx")
+    if not onnx.exists():
+        model = build_model(arch, 19)
+        model.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+        names = ["background"] + [f"class{i}" for i in range(1, 19)]
+        atomic_save(make_checkpoint(model.eval(), arch, names, config={"config_file": arch}), ckpt)
+        export(ckpt, "onnx", onnx, height=size[0], width=size[1], check=False)
+    session = ort_session(onnx)
+    x = torch.randn(1, 3, *size).numpy()
+    return median_seconds(lambda: session.run(["logits"], {"image": x}), repeat)
+
+
 def ours_train(arch: str, size: tuple[int, int], dtypes: list, repeat: int) -> dict[str, float]:
     return {f"{layout}/{name(dtype)}": median_seconds(train_step(arch, 2, size, memory_format=fmt, dtype=dtype),
                                                        max(repeat // 2, 2))
@@ -138,7 +162,8 @@ def main() -> None:
     bf16 = native_bf16()
     dtypes = [None, torch.bfloat16] if bf16 else [None]
     # "infer+": against the reference with BatchNorm folded as well, mirseg's own inference step given to it
-    kinds = (["infer/fp32", "infer+/fp32"] + ["infer/bf16", "infer+/bf16"] * bf16
+    # "onnx": mirseg's ONNX export on ONNX Runtime (fp32), against the reference as mmseg runs it
+    kinds = (["infer/fp32", "infer+/fp32", "onnx/fp32"] + ["infer/bf16", "infer+/bf16"] * bf16
              + ([] if args.no_train else ["train/fp32"] + ["train/bf16"] * bf16))
     print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, native bf16 {'yes' if bf16 else 'no'}"
           f", load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -150,6 +175,8 @@ def main() -> None:
         task, dtype = kind.split("/")
         if task == "infer+":
             header += [f"infer {dtype} mmseg BN folded", f"infer {dtype} ratio to it"]
+        elif task == "onnx":
+            header += ["infer mirseg onnxruntime", "onnxruntime ratio to mmseg"]
         else:
             header += [f"{task} {dtype} mirseg", f"{task} {dtype} mmseg", f"{task} {dtype} ratio"]
     print("| " + " | ".join(header) + " |")
@@ -166,24 +193,37 @@ def main() -> None:
                     diff = same_network(arch, weights)
                     if diff > 1e-4:
                         raise SystemExit(f"{arch}: mirseg's logits differ from mmseg's by {diff:.2e} (relative)")
+                onnx = ours_onnx(arch, Path(tmp) / f"{arch}.pt", args.size, args.repeat)
                 ours = {"infer": ours_infer(arch, args.size, dtypes, args.repeat),
+                        "onnx": {} if onnx is None else {"ORT/fp32": onnx},
                         "train": {} if args.no_train else ours_train(arch, args.train_size, dtypes, args.repeat)}
                 for kind in kinds:
                     task, dtype = kind.split("/")
+                    if task == "onnx" and onnx is None:
+                        continue
                     rows[kind].append((*best(ours[task.rstrip("+")], dtype),
-                                       *best(ref[task.rstrip("+")], dtype, folded=task == "infer+")))
+                                       *best(ref["infer" if task == "onnx" else task.rstrip("+")], dtype,
+                                             folded=task == "infer+")))
             cells = [arch, f"{diff:.1e}"]
             for kind in kinds:
                 scale, unit = (1000, "ms") if kind.startswith("infer") else (1, "s")
                 runs = rows[kind]
+                if not runs:  # no onnxruntime here
+                    cells += ["n/a", "n/a"]
+                    continue
                 mid = statistics.median(o / t for _, o, _, t in runs)
                 ours_s = statistics.median(o for _, o, _, _ in runs)
                 ref_s = statistics.median(t for _, _, _, t in runs)
                 ours_how = statistics.mode(h for h, _, _, _ in runs)
                 ref_how = statistics.mode(h for _, _, h, _ in runs)
                 digits = 0 if unit == "ms" else 3
-                mine = [] if kind.startswith("infer+") else [f"{scale * ours_s:.{digits}f} ({ours_how})"]
-                cells += [*mine, f"{scale * ref_s:.{digits}f} ({ref_how})", f"{mid:.2f}"]
+                if kind.startswith("infer+"):
+                    cells += [f"{scale * ref_s:.{digits}f} ({ref_how})", f"{mid:.2f}"]
+                elif kind.startswith("onnx"):
+                    cells += [f"{scale * ours_s:.{digits}f}", f"{mid:.2f}"]
+                else:
+                    cells += [f"{scale * ours_s:.{digits}f} ({ours_how})", f"{scale * ref_s:.{digits}f} ({ref_how})",
+                              f"{mid:.2f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
     print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
