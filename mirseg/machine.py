@@ -1,4 +1,5 @@
-"""What the machine is, as far as speed depends on it: the CPU's model name and whether it has native bfloat16.
+"""What the machine is, as far as speed depends on it: the CPU's model name, whether it has native bfloat16, and
+whether torch's CPU tensors get huge pages (:func:`huge_pages`, for :mod:`mirseg.allocator`'s log line).
 
 Both are read once per process. The benches print :func:`cpu_model` on their first line, and
 :mod:`mirseg.layout` keys its cache of layout choices on it; :mod:`mirseg.precision` asks
@@ -38,3 +39,11 @@ def native_bf16() -> bool:
     caps = torch.cpu.get_capabilities()
     has = caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16")  # x86, x86 AMX, Arm64
     return bool(has and torch.backends.mkldnn.is_available())
+
+
+def huge_pages() -> bool:
+    """Whether torch's CPU allocator takes its huge-page path in this process (``THP_MEM_ALLOC_ENABLE=1`` when it
+    first allocated): its blocks of 2 MiB and more then start on a page boundary, otherwise 64 bytes into
+    glibc's mapping."""
+    return torch.empty(1 << 20).data_ptr() % 4096 == 0  # 4 MiB of fp32
+

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import cv2
 import torch
 
+from mirseg import allocator, machine
 from mirseg.errors import ConfigError
 
 log = logging.getLogger("mirseg")
@@ -262,8 +263,10 @@ def budget(threads_key: int, workers: int) -> Iterator[Plan]:
     """The :func:`plan` applied inside the block and logged at INFO (rank 0 of a torchrun job); the previous
     thread counts are restored after."""
     p = plan(threads_key, workers)
+    allocator.request()  # huge pages for big tensors, if torch has not allocated yet (mirseg.allocator)
     if _env_int(os.environ, "RANK") is None:  # RANK unset or 0: this process logs for the job
         log.info("%s", p.description)
+        log.info("%s", allocator.describe(machine.huge_pages()))
     before = apply(p)
     try:
         yield p

@@ -24,7 +24,7 @@ PACKAGE = REPO / "mirseg"
 
 FLOORS: list[tuple[str, list[str]]] = [  # lowest first; a package name covers its modules, "mirseg" is __init__.py
     ("foundation", ["mirseg", "errors", "constants", "fileio", "coerce", "interrupt", "dist", "download",
-                    "visualize", "threads", "machine", "precision", "launch"]),
+                    "visualize", "allocator", "threads", "machine", "precision", "launch"]),
     ("parts", ["presets", "config", "models", "data", "mining", "metrics", "checkpoint", "coco_result", "loss",
                "layout", "train_state"]),
     ("shared by the jobs", ["predict", "outputs", "report", "exported", "pretrained_files", "pretrained"]),
