@@ -24,7 +24,9 @@ machine's speed between rounds moves both sides of a ratio alike.
   the auxiliary heads, backward, SGD; the reference: ``forward_train``, ``_parse_losses``, backward, SGD), the
   faster layout on each side.
 
-Check the machine is idle first: the load average is printed at the start and the end.
+mirseg runs as the ``mirseg`` command does, with huge pages for big tensors (``mirseg.allocator``); the reference
+runs without them unless ``THP_MEM_ALLOC_ENABLE`` is set in the environment the bench starts in. Check the
+machine is idle first: the load average is printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import THP_FROM_USER, cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
+from mirseg import allocator  # noqa: E402
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.export import export  # noqa: E402
 from mirseg.exported import ort_session  # noqa: E402
@@ -71,7 +74,10 @@ def reference(python: str, config: str, args: argparse.Namespace, bf16: bool, we
            "--train-size", f"{args.train_size[0]}x{args.train_size[1]}", "--repeat", str(args.repeat),
            "--threads", str(torch.get_num_threads())]
     cmd += ["--bf16"] * bf16 + ["--no-train"] * args.no_train + (["--weights", str(weights)] if weights else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if THP_FROM_USER is None:  # mmseg as its users run it: without the huge pages mirseg asks for
+        env.pop(allocator.ENV_VAR, None)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the reference failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

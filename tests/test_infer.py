@@ -87,6 +87,18 @@ def test_predict_proba_sums_to_one_at_requested_size():
     torch.testing.assert_close(p.sum(1), torch.ones(2, 16, 12))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_the_softmax_in_place_is_the_softmax_written_over_the_logits(fmt):
+    logits = (3 * torch.randn(2, 19, 24, 40)).contiguous(memory_format=fmt)
+    kept = logits.clone()
+    expected = predict_proba(logits)  # not in place: the logits stay as they were
+    torch.testing.assert_close(expected, kept.softmax(dim=1))  # (channels-last: another kernel, same values)
+    assert torch.equal(logits, kept)
+    out = predict_proba(logits, inplace=True)
+    assert out.data_ptr() == logits.data_ptr() and out.is_contiguous(memory_format=fmt)
+    assert torch.equal(out, expected)  # bit for bit what the softmax into a new tensor gives
+
+
 # ---------------------------------------------------------------------------------------------
 # The prediction API and `mirseg infer` on the trained toy model (tests/conftest.py::trained_fastscnn).
 
