@@ -4,7 +4,6 @@ share of, and a random-weight checkpoint to time jobs with."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import torch
 
-from mirseg import allocator
 from mirseg.checkpoint import atomic_save, make_checkpoint
 from mirseg.constants import IGNORE_INDEX
 from mirseg.loss import segmentation_loss
 from mirseg.machine import cpu_model, native_bf16
 from mirseg.models import build_model
 from mirseg.precision import autocast
-
-THP_FROM_USER = os.environ.get(allocator.ENV_VAR)
-"""``THP_MEM_ALLOC_ENABLE`` as the environment had it, before the request below (None: unset)."""
-allocator.request()  # as the `mirseg` command does before torch's first allocation: the benches time what it runs
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None,
@@ -101,5 +95,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["THP_FROM_USER", "bare_forward_ms", "cpu_model", "median_seconds", "native_bf16", "random_checkpoint",
+__all__ = ["bare_forward_ms", "cpu_model", "median_seconds", "native_bf16", "random_checkpoint",
            "train_step"]

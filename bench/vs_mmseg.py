@@ -24,9 +24,8 @@ machine's speed between rounds moves both sides of a ratio alike.
   the auxiliary heads, backward, SGD; the reference: ``forward_train``, ``_parse_losses``, backward, SGD), the
   faster layout on each side.
 
-mirseg runs as the ``mirseg`` command does, with huge pages for big tensors (``mirseg.allocator``); the reference
-runs without them unless ``THP_MEM_ALLOC_ENABLE`` is set in the environment the bench starts in. Check the
-machine is idle first: the load average is printed at the start and the end.
+Both sides run in the environment the bench starts in (``THP_MEM_ALLOC_ENABLE=1``: huge pages for both, see
+``mirseg.allocator``). Check the machine is idle first: the load average is printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import THP_FROM_USER, cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
-from mirseg import allocator  # noqa: E402
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.export import export  # noqa: E402
 from mirseg.exported import ort_session  # noqa: E402
@@ -74,10 +72,7 @@ def reference(python: str, config: str, args: argparse.Namespace, bf16: bool, we
            "--train-size", f"{args.train_size[0]}x{args.train_size[1]}", "--repeat", str(args.repeat),
            "--threads", str(torch.get_num_threads())]
     cmd += ["--bf16"] * bf16 + ["--no-train"] * args.no_train + (["--weights", str(weights)] if weights else [])
-    env = dict(os.environ)
-    if THP_FROM_USER is None:  # mmseg as its users run it: without the huge pages mirseg asks for
-        env.pop(allocator.ENV_VAR, None)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # this environment: the same pages
     if done.returncode != 0:
         raise SystemExit(f"the reference failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -212,7 +207,7 @@ def main() -> None:
                                              folded=task == "infer+")))
             cells = [arch, f"{diff:.1e}"]
             for kind in kinds:
-                scale, unit = (1000, "ms") if kind.startswith("infer") else (1, "s")
+                scale, unit = (1, "s") if kind.startswith("train") else (1000, "ms")
                 runs = rows[kind]
                 if not runs:  # no onnxruntime here
                     cells += ["n/a", "n/a"]

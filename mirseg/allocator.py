@@ -1,27 +1,26 @@
-"""Where a job's big CPU tensors get their memory: transparent huge pages, so each pass does not fault in
-fresh 4 KiB pages one by one.
+"""Where a job's big CPU tensors get their memory, and the start-up line that says so.
 
 glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on
-``free``: each large activation of a forward or backward pass is page-faulted in, 4 KiB at a time, and
-zeroed by the kernel, on every pass. PyTorch asks the kernel for 2 MiB pages for its blocks of 2 MiB and more
-when ``THP_MEM_ALLOC_ENABLE=1`` (``madvise(MADV_HUGEPAGE)``): 512 times fewer faults. On the 2-core AMD EPYC,
-a bilinear upsampling to 19x1024x2048 took 52-62 ms against 119-123; a FastSCNN training step (batch 2,
-512x512, channels-last) 0.45-0.63 s against 0.51-0.78 s, faster in each of 4 alternating runs (median ratio
-0.84); DeepLabV3+ R18's step, bound by its convolutions, 0.87-1.15 times, no change. The memory is returned
-on ``free`` as before, so a job holds no more than it did.
+``free``: each large activation of a pass is page-faulted in, 4 KiB at a time, and zeroed by the kernel. With
+``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's own switch, read once per process at its first allocation) torch asks the
+kernel for 2 MiB pages for its blocks of 2 MiB and more (``madvise(MADV_HUGEPAGE)``): 512 times fewer faults,
+but each one may wait for the kernel to compact memory into a free 2 MiB page.
+
+It is left to the user, because it pays for some networks and costs others. Measured on the 2-core AMD EPYC
+(``bench/vs_mmseg.py``, the same run's reference as the yardstick, without and then with huge pages):
+inference at 1x3x512x1024 went from 0.73 to 0.51 times mmseg's time for FastSCNN and from 0.79 to 0.52 for
+HRNet-W18s, but from 0.73 to 0.90 for OCRNet-HR18s (DeepLabV3+ R18 0.89 and 0.92); a training step at batch 2,
+512x512, from 0.83 to 1.17 for OCRNet and 0.93 to 1.15 for DeepLabV3+ (FastSCNN 0.48 and 0.50).
 
 Keeping freed blocks in glibc's heap instead (``mallopt`` of the mmap and trim thresholds, what jemalloc and
-tcmalloc do in their own way) measured faster still on that FastSCNN step (0.45-0.50 s), but glibc cannot
-reuse a freed 64-byte-aligned block for the next request of the same size: a loop of 256 MiB tensors grew
-the heap to 2.2 GiB before it reused one. Not taken.
+tcmalloc do in their own way) made a FastSCNN step faster still (0.45-0.50 s against 0.51-0.78), but glibc
+cannot reuse a freed 64-byte-aligned block for the next request of the same size: a loop of 256 MiB tensors
+grew the heap to 2.2 GiB before it reused one. Not taken either.
 
-:func:`request` sets ``THP_MEM_ALLOC_ENABLE=1`` unless the environment says otherwise (``0`` turns it off),
-before torch has allocated anything where it can (``mirseg``'s command line, first thing); PyTorch reads the
-variable once per process, at its first allocation. Every job (:func:`mirseg.threads.budget`) requests it too
-and logs :func:`describe` of what took effect (:func:`mirseg.machine.huge_pages`): the kernel must allow huge
-pages (``/sys/kernel/mm/transparent_hugepage/enabled``: ``always`` or ``madvise``, the defaults of most
-distributions), and a process that had allocated before the request keeps 4 KiB pages. No torch here, so that
-the command line can request it before torch is imported.
+:func:`describe` is the line every job logs (:func:`mirseg.threads.budget`), from the environment, the kernel's
+setting (``/sys/kernel/mm/transparent_hugepage/enabled``: ``always`` or ``madvise`` give huge pages, most
+distributions' defaults) and :func:`mirseg.machine.huge_pages` (what torch's allocator actually does). No torch
+here: a module of facts about the environment.
 """
 
 from __future__ import annotations
@@ -33,11 +32,6 @@ ENV_VAR = "THP_MEM_ALLOC_ENABLE"
 """PyTorch's own switch (c10's CPU allocator): 1 madvises its blocks of 2 MiB and more for huge pages."""
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def request() -> None:
-    """``THP_MEM_ALLOC_ENABLE=1`` unless already set; no torch call, so it can come before torch's first."""
-    os.environ.setdefault(ENV_VAR, "1")
 
 
 def kernel_mode(path: Path = THP_SETTING) -> str | None:
@@ -53,8 +47,9 @@ def describe(huge: bool) -> str:
     """What the job's tensors get, in words, for its start-up log; ``huge``: whether torch's allocator takes the
     huge-page path (:func:`mirseg.machine.huge_pages`)."""
     value = os.environ.get(ENV_VAR, "").strip()
-    if value in ("0", ""):
-        return f"memory: 4 KiB pages ({ENV_VAR}={value or 'unset'})"
+    if value != "1":
+        return (f"memory: 4 KiB pages ({ENV_VAR}={value or 'unset'}; 1 gives tensors of 2 MiB and more huge pages, "
+                "faster for some networks: README, Speed on CPUs)")
     mode = kernel_mode()
     if mode is None:
         return "memory: the system's own pages (it has no transparent huge pages)"
@@ -62,8 +57,8 @@ def describe(huge: bool) -> str:
         return f"memory: 4 KiB pages (the kernel's transparent huge pages are off: {THP_SETTING} says never)"
     if not huge:
         return (f"memory: 4 KiB pages (torch had allocated before {ENV_VAR}=1 was set; set it in the environment "
-                "to have huge pages)")
-    return f"memory: 2 MiB pages for tensors of 2 MiB and more ({ENV_VAR}=1; {ENV_VAR}=0 turns it off)"
+                "the job starts in)")
+    return f"memory: 2 MiB pages for tensors of 2 MiB and more ({ENV_VAR}=1)"
 
 
-__all__ = ["ENV_VAR", "THP_SETTING", "describe", "kernel_mode", "request"]
+__all__ = ["ENV_VAR", "THP_SETTING", "describe", "kernel_mode"]

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 
-from mirseg import __version__, allocator, launch
+from mirseg import __version__, launch
 from mirseg.coerce import field_help, parse_overrides
 from mirseg.config import InferConfig, MineConfig, TrainConfig, eval_config, load_config
 from mirseg.errors import EXIT_ERROR, EXIT_FAILED, ConfigError, Interrupted, MirsegError
@@ -360,7 +360,6 @@ def _oom_message(command: str, exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    allocator.request()  # huge pages for big CPU tensors: before torch's first allocation, which reads it once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

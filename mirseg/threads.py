@@ -263,10 +263,9 @@ def budget(threads_key: int, workers: int) -> Iterator[Plan]:
     """The :func:`plan` applied inside the block and logged at INFO (rank 0 of a torchrun job); the previous
     thread counts are restored after."""
     p = plan(threads_key, workers)
-    allocator.request()  # huge pages for big tensors, if torch has not allocated yet (mirseg.allocator)
     if _env_int(os.environ, "RANK") is None:  # RANK unset or 0: this process logs for the job
         log.info("%s", p.description)
-        log.info("%s", allocator.describe(machine.huge_pages()))
+        log.info("%s", allocator.describe(machine.huge_pages()))  # which pages big tensors get (mirseg.allocator)
     before = apply(p)
     try:
         yield p
