@@ -61,6 +61,7 @@ from mirseg.infer import JOURNAL, ImagePrediction, group_size, iter_predictions,
 from mirseg.mining import Miner, MiningParams, get_algorithm, ripu, rsal
 from mirseg.mining.select import power_order, rank
 from mirseg.outputs import output_names
+from mirseg.precision import autocast_dtype
 from mirseg.predict import Predictor
 from mirseg.report import ReportImage, render, thumbnail
 from mirseg.threads import budgeted
@@ -217,6 +218,8 @@ def _mine(cfg: MineConfig, miner: Miner, params: MiningParams, paths: list[str],
                                        trust_checkpoint=cfg.trust_checkpoint)
         num_classes = predictor.num_classes
         amp = cfg.fp16 if predictor.device.type == "cuda" else cfg.bf16
+        # Where amp means nothing (a CPU without native bf16), say so once here, not once per prediction pass.
+        amp = amp and autocast_dtype(predictor.device, amp) is not None
     model = predictor if miner.uses_model else None  # pass 1 of random only decodes
     if rt.is_main:
         where = "(no model needed)" if model is None else f"on {model.device} at img_scale {model.img_scale}"

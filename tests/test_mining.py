@@ -662,3 +662,24 @@ def test_mine_with_only_bad_candidates(trained_fastscnn, tmp_path):
     assert len(result.failed) == 2 and "empty" in result.failed[0][1] and result.masks == []
     with pytest.raises(ValueError, match="did you mean 'ripu'"):
         _mine(trained_fastscnn[0], bad, tmp_path / "out", mining_algorithm="RIPUU")
+
+
+def test_mine_with_bf16_on_a_cpu_without_it_says_so_once(trained_fastscnn, pool, tmp_path, caplog, monkeypatch):
+    """Two prediction passes (the ranking, then the top images' masks), one line saying bf16 means fp32 here."""
+    import logging
+
+    from mirseg import machine
+    from mirseg.config import MineConfig, build_config
+    from mirseg.mine import mine
+
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    monkeypatch.delenv("MIRSEG_CPU_BF16", raising=False)
+    cfg = build_config(MineConfig, dict(checkpoint=str(trained_fastscnn[0]), images=str(pool), out_dir=str(tmp_path),
+                                        mining_algorithm="RSAL", workers_per_gpu=0, save_masks=True,
+                                        max_kept_mining_image=2, bf16=True, device="cpu"))
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        result = mine(cfg)
+    assert len(result.masks) == 2  # the second pass ran
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("amp:")]
+    assert said == [f"amp: {machine.cpu_model()} has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); running in "
+                    "fp32 (MIRSEG_CPU_BF16=1 forces bf16)"]
