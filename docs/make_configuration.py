@@ -49,7 +49,9 @@ def reference_markdown() -> str:
         out.append("")
         if cls is TrainConfig:
             out += ["`mirseg eval` starts from the checkpoint's saved config and takes only "
-                    + ", ".join(f"`{k}`" for k in EVAL_KEYS) + f"; any other key is an error ({EVAL_NOTE}).", ""]
+                    + ", ".join(f"`{k}`" for k in EVAL_KEYS) + f"; any other key is an error ({EVAL_NOTE}). "
+                    "Its `img_scale` is the checkpoint's; `img_scale=auto` is the median size of the images it "
+                    "evaluates, `img_scale=preset` the preset's.", ""]
     out += ["Aliases: " + ", ".join(f"`{a}` = `{k}`" for a, k in ALIASES.items()) + ".", "",
             "## Presets (`config_file`)", "", "| preset | network | crop (h, w) | scale (w, h) | lr | weight decay | "
             "design batch | test mode |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]

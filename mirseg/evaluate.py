@@ -21,6 +21,7 @@ from mirseg import dist
 from mirseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint, user_classes
 from mirseg.config import TrainConfig
 from mirseg.data.dataset import DatasetError, SegDataset
+from mirseg.data.images import read_image_size
 from mirseg.data.sources import load_split
 from mirseg.data.transforms import EvalTransform
 from mirseg.errors import ConfigError
@@ -97,13 +98,18 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, A
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{checkpoint} is not a mirseg checkpoint (it has no class names): evaluate a "
                               "best.pth / last.pth written by `mirseg train`")
-    cfg = cfg.resolved()
     class_names = list(ckpt["class_names"])
     rt = dist.setup(cfg.device)
     names = tuple(class_names) if cfg.val_labels else user_classes(ckpt, str(checkpoint))
     split = load_split(dataclasses.replace(cfg, class_names=names), "val")
     if not split.samples:
         raise ConfigError("nothing to evaluate: give val_ann + val_images (COCO) or val_images + val_labels")
+    # img_scale=auto: the median size of the images evaluated here, as training fits its own (headers only)
+    sizes = [read_image_size(s.image_path) for s in split.samples] if cfg.img_scale == "auto" else []
+    cfg = cfg.resolved(sizes)
+    if sizes and rt.is_main:
+        log.info("img_scale %s (w, h): the median size of the %d images evaluated (img_scale=auto)",
+                 list(cfg.img_scale), len(sizes))
     if split.class_names != class_names:
         raise DatasetError(f"the data's classes {split.class_names} differ from the checkpoint's {class_names}")
     model = build_model(ckpt["arch"], len(class_names))

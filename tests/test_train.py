@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import toy
@@ -17,6 +18,7 @@ from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
 from mirseg.config import TrainConfig, build_config, fit_scale
 from mirseg.constants import IGNORE_INDEX
+from mirseg.data.images import read_image_size
 from mirseg.data.sampler import IterationSampler
 from mirseg.errors import ConfigError
 from mirseg.loss import auto_class_weight, segmentation_loss
@@ -314,6 +316,22 @@ def test_cli_train_then_eval(shapes, tmp_path, capsys):
     assert main(["train", *args]) == 0
     assert main(["eval", str(work / "last.pth"), f"val_ann={va.ann}", f"val_images={va.images}"]) == 0
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_img_scale_auto_fits_the_images_it_evaluates(shapes, tmp_path, caplog):
+    """Not the preset's Cityscapes scale: the median (w, h) of the evaluated images, as training fits its own."""
+    tr, va = shapes
+    work = tmp_path / "cli"
+    assert main(["train", f"train_ann={tr.ann}", f"train_images={tr.images}", f"val_ann={va.ann}",
+                 f"val_images={va.images}", "crop_size=[64,64]", "img_scale=[64,48]", "max_iters=1", "interval=1",
+                 "workers_per_gpu=0", f"work_dir={work}"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mirseg"):
+        assert main(["eval", str(work / "last.pth"), f"val_ann={va.ann}", f"val_images={va.images}",
+                     "img_scale=auto"]) == 0
+    sizes = [read_image_size(p) for p in sorted(Path(va.images).iterdir())]
+    expected = [int(np.median([w for _, w in sizes])), int(np.median([h for h, _ in sizes]))]
+    assert f"img_scale {expected} (w, h): the median size of the {len(sizes)} images evaluated" in caplog.text
 
 
 def test_cli_reports_bad_keys(tmp_path, caplog):
