@@ -1,9 +1,11 @@
 """What the benches share: the CPU model every bench prints on its first line (the figures depend on it; read by
-mirseg.machine), the median timer, the bare forward pass and the bare training step each job-level figure is a
-share of, and a random-weight checkpoint to time jobs with."""
+mirseg.machine), the median timer, a network's inference in both layouts (:func:`infer_times`), the bare forward
+pass and the bare training step each job-level figure is a share of, and a random-weight checkpoint to time jobs
+with."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +19,10 @@ from mirseg.loss import segmentation_loss
 from mirseg.machine import cpu_model, native_bf16
 from mirseg.models import build_model
 from mirseg.precision import autocast
+from mirseg.predict import prepare_for_inference
+
+LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
+"""The two memory layouts the benches time, by the names their tables print."""
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None,
@@ -48,6 +54,27 @@ def bare_forward_ms(model: torch.nn.Module, size: tuple[int, int], repeat: int) 
     return 1000 * median_seconds(forward, repeat, torch.cuda.synchronize if device.type == "cuda" else None)
 
 
+def infer_times(model: torch.nn.Module, x: torch.Tensor, dtypes: list, repeat: int,
+                sync: Callable[[], None]) -> tuple[dict, float]:
+    """{(layout, dtype): median seconds per image} of ``model`` prepared as ``mirseg infer`` runs it (eval, BatchNorm
+    folded; a copy) on ``x``, in each of :data:`LAYOUTS` and autocast ``dtypes`` (None: fp32), and the bf16/fp32 label
+    agreement (channels-last; None without bf16 among ``dtypes``)."""
+    fast = prepare_for_inference(copy.deepcopy(model), channels_last=False)
+    times, labels = {}, {}
+    for name, fmt in LAYOUTS.items():
+        fast.to(memory_format=fmt)
+        xf = x.contiguous(memory_format=fmt)
+        for dtype in dtypes:
+            def run(dtype=dtype, xf=xf):
+                with torch.inference_mode(), autocast(x.device.type, dtype):
+                    return fast(xf)["out"]
+            times[name, dtype] = median_seconds(run, repeat, sync)
+            if name == "CL":
+                labels[dtype] = run().float().argmax(1)
+    agree = (labels[torch.bfloat16] == labels[None]).float().mean().item() if torch.bfloat16 in labels else None
+    return times, agree
+
+
 def train_step(arch: str, batch: int, size: tuple[int, int], *, num_classes: int = 19,
                device: torch.device | str = "cpu", memory_format: torch.memory_format = torch.contiguous_format,
                dtype: torch.dtype | None = None) -> Callable[[], None]:
@@ -75,7 +102,6 @@ def train_step(arch: str, batch: int, size: tuple[int, int], *, num_classes: int
     return step
 
 
-
 def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:
     """A checkpoint of ``arch`` with random weights and BatchNorm statistics of random inputs (fresh ones make HRNet's
     logits explode), test scale ``size`` (H, W), whole-image inference: the cost of a job does not depend on what
@@ -95,5 +121,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["bare_forward_ms", "cpu_model", "median_seconds", "native_bf16", "random_checkpoint",
-           "train_step"]
+__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "median_seconds", "native_bf16",
+           "random_checkpoint", "train_step"]

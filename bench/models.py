@@ -31,7 +31,6 @@ machine is idle first (``uptime``; the load average is printed at the start and 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shutil
 import sys
@@ -45,16 +44,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, native_bf16, random_checkpoint, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import LAYOUTS, cpu_model, infer_times, median_seconds, native_bf16, random_checkpoint, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
 from mirseg.infer import load_predictor, run_inference  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
-from mirseg.precision import DTYPE_NAMES, autocast  # noqa: E402
-from mirseg.predict import prepare_for_inference  # noqa: E402
-
-LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
+from mirseg.precision import DTYPE_NAMES  # noqa: E402
 
 
 def gemm_gflops(n: int, dtype: torch.dtype, device: torch.device, repeat: int, sync: Callable[[], None]) -> float:
@@ -70,25 +66,6 @@ def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
     with counter, torch.inference_mode():
         model(x)
     return counter.get_total_flops() / 1e9
-
-
-def infer_times(model: torch.nn.Module, x: torch.Tensor, dtypes: list, repeat: int,
-                sync: Callable[[], None]) -> tuple[dict, float]:
-    """{(layout, dtype): seconds per image} of the prepared ``model``, and the bf16/fp32 label agreement."""
-    fast = prepare_for_inference(copy.deepcopy(model), channels_last=False)
-    times, labels = {}, {}
-    for name, fmt in LAYOUTS.items():
-        fast.to(memory_format=fmt)
-        xf = x.contiguous(memory_format=fmt)
-        for dtype in dtypes:
-            def run(dtype=dtype, xf=xf):
-                with torch.inference_mode(), autocast(x.device.type, dtype):
-                    return fast(xf)["out"]
-            times[name, dtype] = median_seconds(run, repeat, sync)
-            if name == "CL":
-                labels[dtype] = run().float().argmax(1)
-    agree = (labels[torch.bfloat16] == labels[None]).float().mean().item() if torch.bfloat16 in labels else None
-    return times, agree
 
 
 def infer_job(name: str, images: Path, size: tuple[int, int], work: Path, device: torch.device) -> float:

@@ -43,17 +43,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import LAYOUTS, cpu_model, infer_times, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.export import export  # noqa: E402
 from mirseg.exported import ort_session  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
-from mirseg.precision import autocast  # noqa: E402
-from mirseg.predict import prepare_for_inference  # noqa: E402
 from mirseg.presets import MMSEG_CONFIGS  # noqa: E402
 
-LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 REFERENCE = Path(__file__).with_name("mmseg_reference.py")
 
 
@@ -91,19 +88,10 @@ def same_network(arch: str, weights: Path) -> float:
 
 
 def ours_infer(arch: str, size: tuple[int, int], dtypes: list, repeat: int) -> dict[str, float]:
+    """{"<layout>/<dtype>": seconds per image} of ``arch`` as ``mirseg infer`` runs it (machine.infer_times)."""
     torch.manual_seed(0)
-    model = prepare_for_inference(build_model(arch, 19), channels_last=False)
-    x = torch.randn(1, 3, *size)
-    times = {}
-    for layout, fmt in LAYOUTS.items():
-        model.to(memory_format=fmt)
-        xf = x.contiguous(memory_format=fmt)
-        for dtype in dtypes:
-            def run(dtype=dtype, xf=xf) -> None:
-                with torch.inference_mode(), autocast("cpu", dtype):
-                    model(xf)["out"].float()
-            times[f"{layout}/{name(dtype)}"] = median_seconds(run, repeat)
-    return times
+    times, _ = infer_times(build_model(arch, 19).eval(), torch.randn(1, 3, *size), dtypes, repeat, lambda: None)
+    return {f"{layout}/{name(dtype)}": t for (layout, dtype), t in times.items()}
 
 
 def ours_onnx(arch: str, weights: Path, size: tuple[int, int], repeat: int) -> float | None:
