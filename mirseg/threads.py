@@ -287,7 +287,6 @@ def budgeted(job: F) -> F:
     return run  # type: ignore[return-value]
 
 
-
 def in_background(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
     """``fn(item)`` for each item, in order, computed on one helper thread while the caller produces the next items;
     ``depth`` 0: on the caller's thread, one at a time.
@@ -310,6 +309,7 @@ def in_background(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> I
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
 
 __all__ = ["ENV_VAR", "WORKER_NICE", "CpuInfo", "Plan", "apply", "budget", "budgeted", "cgroup_quota", "cpu_info",
            "in_background", "plan", "restore", "usable_cores", "worker_init"]
