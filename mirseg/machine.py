@@ -1,9 +1,9 @@
 """What the machine is, as far as speed depends on it: the CPU's model name, whether it has native bfloat16, and
 whether torch's CPU tensors get huge pages (:func:`huge_pages`, for :mod:`mirseg.allocator`'s log line).
 
-Both are read once per process. The benches print :func:`cpu_model` on their first line, and
-:mod:`mirseg.layout` keys its cache of layout choices on it; :mod:`mirseg.precision` asks
-:func:`native_bf16` whether bf16 autocast pays on this CPU.
+All three are read once per process (torch's allocator settles the third at its first allocation). The
+benches print :func:`cpu_model` on their first line, and :mod:`mirseg.layout` keys its cache of layout choices
+on it; :mod:`mirseg.precision` asks :func:`native_bf16` whether bf16 autocast pays on this CPU.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def native_bf16() -> bool:
     return bool(has and torch.backends.mkldnn.is_available())
 
 
+@functools.lru_cache(maxsize=1)
 def huge_pages() -> bool:
     """Whether torch's CPU allocator takes its huge-page path in this process (``THP_MEM_ALLOC_ENABLE=1`` when it
     first allocated): its blocks of 2 MiB and more then start on a page boundary, otherwise 64 bytes into
-    glibc's mapping."""
-    return torch.empty(1 << 20).data_ptr() % 4096 == 0  # 4 MiB of fp32
-
+    glibc's mapping. The probe is 64 MiB, above glibc's largest mmap threshold (32 MiB), so that without huge
+    pages it is always a fresh mapping, never a heap block that may start on a page boundary by chance;
+    ``empty`` touches none of its pages."""
+    return torch.empty(1 << 24).data_ptr() % 4096 == 0  # 64 MiB of fp32
