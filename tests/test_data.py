@@ -32,7 +32,7 @@ from mirseg.data import (
     read_image,
     rescale_size,
 )
-from mirseg.data.transforms import _cat_ratio_ok, photometric_distortion
+from mirseg.data.transforms import _cat_ratio_ok, normalize, photometric_distortion
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation inside the library; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -706,3 +706,15 @@ def test_label_png_training_without_validation_data(tmp_path):
     assert len(load_split(cfg, "train").samples) == 3
     val = load_split(cfg, "val")
     assert val.samples == [] and val.class_names == ["bg", "disc", "box"]
+
+
+@pytest.mark.parametrize("pad_to", [None, (9, 13)])
+def test_normalize_is_the_fp32_formula_bit_for_bit_and_pads_with_zeros(pad_to):
+    image = np.random.default_rng(3).integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    expected = ((image.astype(np.float32) - np.asarray(IMAGENET_MEAN, np.float32))
+                / np.asarray(IMAGENET_STD, np.float32)).transpose(2, 0, 1)  # (3, 7, 11)
+    out = normalize(image, pad_to=pad_to)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert tuple(out.shape) == (3, *(pad_to or (7, 11)))
+    assert np.array_equal(out[:, :7, :11].numpy(), expected)
+    assert not out[:, 7:].any() and not out[:, :, 11:].any()
