@@ -171,8 +171,8 @@ CPU_BATCH_PIXELS = 2 ** 20
 """On a CPU a batch holds at most this many pixels per view (one 1024x1024 image, two of 512x1024, ...)."""
 
 
-def batch_limit(device: torch.device, views: Sequence[torch.Tensor], samples_per_gpu: int) -> int:
-    """How many images of ``views``' size (the largest view, ``(3, h, w)``) go through the network together.
+def batch_limit(device: torch.device, pixels: int, samples_per_gpu: int) -> int:
+    """How many images go through the network together whose largest view has ``pixels`` pixels (h * w).
 
     ``samples_per_gpu`` on a GPU. On a CPU at most :data:`CPU_BATCH_PIXELS` pixels: batching buys a CPU little
     (each kernel already spreads one image over the cores) and big batches fall out of the caches. FastSCNN on
@@ -183,7 +183,6 @@ def batch_limit(device: torch.device, views: Sequence[torch.Tensor], samples_per
     """
     if device.type != "cpu":
         return samples_per_gpu
-    pixels = max(v.shape[-2] * v.shape[-1] for v in views)
     return max(1, min(samples_per_gpu, CPU_BATCH_PIXELS // pixels))
 
 

@@ -263,8 +263,8 @@ def test_a_cpu_batch_holds_at_most_its_pixel_budget(trained_fastscnn, tmp_path, 
     got = list(iter_predictions(p, list_images(tmp_path / "imgs"), samples_per_gpu=4, workers_per_gpu=0))
     assert [g.size for g in got] == [(96, 128)] * 4 + [(96, 96)] * 4
     assert p.model.shapes == [(2, 3, 96, 128), (2, 3, 96, 128), (3, 3, 96, 96), (1, 3, 96, 96)]
-    assert predict.batch_limit(torch.device("cuda"), [torch.zeros(3, 96, 128)], 4) == 4
-    assert predict.batch_limit(torch.device("cpu"), [torch.zeros(3, 2000, 2000)], 4) == 1  # never 0
+    assert predict.batch_limit(torch.device("cuda"), 96 * 128, 4) == 4
+    assert predict.batch_limit(torch.device("cpu"), 2000 * 2000, 4) == 1  # never 0
 
 
 def test_coco_json_round_trips_through_pycocotools(trained_fastscnn, tmp_path):
