@@ -32,7 +32,7 @@ from mirseg.data import (
     read_image,
     rescale_size,
 )
-from mirseg.data.transforms import _cat_ratio_ok, normalize, photometric_distortion
+from mirseg.data.transforms import _cat_ratio_ok, normalize, normalize_pixels, photometric_distortion
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation inside the library; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -718,3 +718,13 @@ def test_normalize_is_the_fp32_formula_bit_for_bit_and_pads_with_zeros(pad_to):
     assert tuple(out.shape) == (3, *(pad_to or (7, 11)))
     assert np.array_equal(out[:, :7, :11].numpy(), expected)
     assert not out[:, 7:].any() and not out[:, :, 11:].any()
+
+
+def test_normalize_pixels_of_a_batch_is_a_channels_last_input_equal_to_normalize():
+    images = np.random.default_rng(4).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
+    x = normalize_pixels(torch.from_numpy(images)).permute(0, 3, 1, 2)  # (2, 3, 5, 6)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    for i in range(2):
+        assert torch.equal(x[i], normalize(images[i]))
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W, 3\) RGB"):
+        normalize_pixels(torch.zeros(3, 5, 6, dtype=torch.uint8))
