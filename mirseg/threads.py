@@ -265,7 +265,7 @@ def budget(threads_key: int, workers: int) -> Iterator[Plan]:
     p = plan(threads_key, workers)
     if _env_int(os.environ, "RANK") is None:  # RANK unset or 0: this process logs for the job
         log.info("%s", p.description)
-        log.info("%s", allocator.describe(machine.huge_pages()))  # which pages big tensors get (mirseg.allocator)
+        log.info("%s", allocator.describe(machine.huge_pages(), allocator.preloaded()))  # mirseg.allocator
     before = apply(p)
     try:
         yield p
