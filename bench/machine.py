@@ -20,6 +20,7 @@ from mirseg.machine import cpu_model, native_bf16
 from mirseg.models import build_model
 from mirseg.precision import autocast
 from mirseg.predict import prepare_for_inference
+from mirseg.presets import MMSEG_CONFIGS
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 """The two memory layouts the benches time, by the names their tables print."""
@@ -102,6 +103,16 @@ def train_step(arch: str, batch: int, size: tuple[int, int], *, num_classes: int
     return step
 
 
+def mmseg_config(preset: str) -> str:
+    """The shortest mmseg config path that maps to ``preset`` (for a network: its Cityscapes 512x1024 config;
+    FastSCNN has one, at 1024x2048), under mmseg's packaged ``configs/``."""
+    paths = [p for p, (name, _) in MMSEG_CONFIGS.items() if name == preset]
+    if not paths:
+        raise SystemExit(f"{preset}: no mmseg config maps to it; choose from "
+                         f"{', '.join(sorted({name for name, _ in MMSEG_CONFIGS.values()}))}")
+    return min(paths, key=len)
+
+
 def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes: int = 19) -> None:
     """A checkpoint of ``arch`` with random weights and BatchNorm statistics of random inputs (fresh ones make HRNet's
     logits explode), test scale ``size`` (H, W), whole-image inference: the cost of a job does not depend on what
@@ -121,5 +132,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "median_seconds", "native_bf16",
-           "random_checkpoint", "train_step"]
+__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "median_seconds", "mmseg_config",
+           "native_bf16", "random_checkpoint", "train_step"]

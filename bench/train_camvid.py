@@ -2,6 +2,7 @@
 
     python bench/train_camvid.py [--models fastscnn hrnet_w18s] [--iters 1000] [--layout coco|labels]
                                  [--camvid ../shared/data/camvid] [--set amp=false layout=contiguous ...]
+                                 [--reference-python VENV/bin/python] [--rounds 2]
 
 CamVid (480x360, 11 classes, void = 255) is read either as COCO JSON (``--layout coco``; void is
 left unannotated, so ``ignore_blank_area=true`` ignores it) or as label PNGs (``--layout labels``).
@@ -17,12 +18,21 @@ of the run's shape in this process on every usable core, median of ``--step-iter
 ``--step-warmup`` (no loader, nothing else running). ``step share`` = bare step / loop s/it: the part of
 the job's time that is the step itself (the goal: at least 85 %). The first line gives the CPU, the load
 average and the run's thread split (``--set threads=N`` changes it).
+
+Against mmsegmentation's trainer (``--reference-python``: the python of the environment ``bench/mmseg_env.sh``
+makes): before each preset's run, ``bench/mmseg_trainer.py`` trains the preset's mmseg config there on the same
+CamVid images with the same batch, crop, resize jitter, loader workers and torch threads, ``--iters`` iterations
+without evaluation; ``mmseg s/it`` is its median seconds per iteration (mmcv's ``time``, the loader's waits
+included, the first log interval left out), ``ratio`` = ``loop s/it`` / ``mmseg s/it`` (issue 15's goal: at most
+0.5). ``--rounds`` repeats the pair (reference, then mirseg) and prints a row per round.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import layout, threads  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -41,8 +51,21 @@ from mirseg.config import TrainConfig, build_config  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
+REFERENCE_TRAINER = Path(__file__).with_name("mmseg_trainer.py")
 CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
            "bicyclist"]
+
+
+def reference(python: str, preset: str, root: Path, args: argparse.Namespace, torch_threads: int) -> float:
+    """mmseg's trainer's seconds per iteration (``mmseg_trainer.py`` in the reference environment)."""
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [python, str(REFERENCE_TRAINER), "--config", mmseg_config(preset), "--camvid", str(root),
+               "--iters", str(args.iters), "--batch", str(args.batch), "--workers", str(args.workers),
+               "--threads", str(torch_threads), "--work-dir", work]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the reference trainer failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["s_per_iter"]
 
 
 def main() -> None:
@@ -57,43 +80,51 @@ def main() -> None:
     parser.add_argument("--step-warmup", type=int, default=3)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more TrainConfig keys, e.g. amp=false (fp32) or layout=channels_last")
+    parser.add_argument("--reference-python", help="python of the mmseg 0.27 environment (bench/mmseg_env.sh)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per preset, each after the reference's (default 1)")
     args = parser.parse_args()
     root = Path(args.camvid)
     if not (root / "train.json").is_file():
         sys.exit(f"CamVid not found at {root}; pass --camvid")
     overrides = parse_overrides(args.set)
-    split = threads.plan(int(overrides.get("threads", 0)), args.workers).description
+    plan = threads.plan(int(overrides.get("threads", 0)), args.workers)
     print(f"# {cpu_model()}, torch {torch.__version__}, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.iters} iterations of batch {args.batch}, "
-          f"{args.layout}" + (f", {' '.join(args.set)}" if args.set else "") + f"\n# {split}")
-    print("| preset | val mIoU | val mAcc | val aAcc | job s/it | loop s/it | data wait | bare step s | step share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{args.layout}" + (f", {' '.join(args.set)}" if args.set else "") + f"\n# {plan.description}")
+    columns = ["preset", "val mIoU", "val mAcc", "val aAcc", "job s/it", "loop s/it", "data wait", "bare step s",
+               "step share"] + (["mmseg s/it", "ratio"] if args.reference_python else [])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns), flush=True)
     for name in args.models:
-        with tempfile.TemporaryDirectory() as work:
-            data = {"class_names": CLASSES, "train_images": str(root / "images" / "train"),
-                    "val_images": str(root / "images" / "val")}
-            if args.layout == "coco":
-                data.update(train_ann=str(root / "train.json"), val_ann=str(root / "val.json"),
-                            ignore_blank_area=True)
-            else:
-                data.update(train_labels=str(root / "labels" / "train"), val_labels=str(root / "labels" / "val"))
-            cfg = build_config(TrainConfig, {**dict(
-                data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
-                workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
-                work_dir=work, log_interval=max(args.iters // 20, 1)), **overrides})
-            t0 = time.perf_counter()
-            result = train(cfg)
-            per_iter = (time.perf_counter() - t0) / args.iters
-            m, t = result.last_metrics, result.timing
-            choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
-            choice = choice or layout.Choice("contiguous")
+        for _ in range(args.rounds):
+            ref = (reference(args.reference_python, name, root, args, plan.torch_threads)
+                   if args.reference_python else None)
+            with tempfile.TemporaryDirectory() as work:
+                data = {"class_names": CLASSES, "train_images": str(root / "images" / "train"),
+                        "val_images": str(root / "images" / "val")}
+                if args.layout == "coco":
+                    data.update(train_ann=str(root / "train.json"), val_ann=str(root / "val.json"),
+                                ignore_blank_area=True)
+                else:
+                    data.update(train_labels=str(root / "labels" / "train"), val_labels=str(root / "labels" / "val"))
+                cfg = build_config(TrainConfig, {**dict(
+                    data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
+                    workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
+                    work_dir=work, log_interval=max(args.iters // 20, 1)), **overrides})
+                t0 = time.perf_counter()
+                result = train(cfg)
+                per_iter = (time.perf_counter() - t0) / args.iters
+                m, t = result.last_metrics, result.timing
+                choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
+                choice = choice or layout.Choice("contiguous")
             with threads.budget(0, 0):  # the reference: every usable core, no workers
                 step = median_seconds(train_step(cfg.model, cfg.samples_per_gpu, tuple(cfg.crop_size),
                                                  num_classes=len(CLASSES), memory_format=choice.memory_format,
                                                  dtype=choice.dtype), args.step_iters, warmup=args.step_warmup)
+            versus = f" {ref:.3f} | {t['s_per_iter'] / ref:.2f} |" if ref is not None else ""
             print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} | "
                   f"{t['s_per_iter']:.3f} | {100 * t['data_share']:.0f}% | {step:.3f} | "
-                  f"{100 * step / t['s_per_iter']:.0f}% |", flush=True)
+                  f"{100 * step / t['s_per_iter']:.0f}% |{versus}", flush=True)
     print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

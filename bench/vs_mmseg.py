@@ -43,24 +43,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import LAYOUTS, cpu_model, infer_times, median_seconds, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import LAYOUTS, cpu_model, infer_times, median_seconds, mmseg_config, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.export import export  # noqa: E402
 from mirseg.exported import ort_session  # noqa: E402
 from mirseg.models import MODELS, build_model  # noqa: E402
-from mirseg.presets import MMSEG_CONFIGS  # noqa: E402
 
 REFERENCE = Path(__file__).with_name("mmseg_reference.py")
-
-
-def mmseg_config(arch: str) -> str:
-    """The Cityscapes 512x1024 mmseg config of ``arch`` (FastSCNN has one, at 1024x2048)."""
-    paths = [p for p, (preset, _) in MMSEG_CONFIGS.items() if preset == arch]
-    if not paths:
-        raise SystemExit(f"{arch}: no mmseg config maps to it; choose from "
-                         f"{', '.join(sorted({p for p, _ in MMSEG_CONFIGS.values()}))}")
-    return min(paths, key=len)
 
 
 def reference(python: str, config: str, args: argparse.Namespace, bf16: bool, weights: Path | None) -> dict:
