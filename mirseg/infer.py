@@ -90,11 +90,8 @@ class _Loaded:
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decode and resize (one view per TTA scale) one image; errors become ``_Loaded.error``.
-
-    The views stay uint8 RGB: normalised where the network runs (:func:`_predict_batch`), they cross from the
-    worker (and on CUDA, to the GPU) in a quarter of the bytes, and come out channels-last for free.
-    """
+    """Decode and resize (one view per TTA scale) one image; errors become ``_Loaded.error``. The views stay uint8
+    RGB, normalised where the network runs (:func:`_predict_batch`): a quarter of the bytes to move, channels-last."""
 
     def __init__(self, paths: Sequence[str], img_scale: tuple[int, int], ratios: tuple[float, ...],
                  keep_image: bool, keep_original: bool) -> None:
