@@ -34,6 +34,8 @@ at the original resolution (predictions are resized back, as mmseg does).
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -87,10 +89,18 @@ def normalize_pixels(pixels: torch.Tensor, mean: tuple[float, ...] = IMAGENET_ME
     if pixels.shape[-1] != 3:
         raise ValueError(f"normalize_pixels takes (..., H, W, 3) RGB, got shape {tuple(pixels.shape)}")
     w = pixels.shape[-2]
+    mean_row, std_row = _channel_rows(tuple(mean), tuple(std), w, pixels.device)
     rows = pixels.reshape(*pixels.shape[:-2], w * 3).float()  # (..., H, W*3) fp32 copy
-    rows.sub_(torch.tensor(mean, dtype=torch.float32, device=pixels.device).repeat(w))
-    rows.div_(torch.tensor(std, dtype=torch.float32, device=pixels.device).repeat(w))
-    return rows.view(pixels.shape)
+    return rows.sub_(mean_row).div_(std_row).view(pixels.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_rows(mean: tuple[float, ...], std: tuple[float, ...], width: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W*3,) fp32 rows of the repeated means and stds on ``device``, made once per width (on a GPU each would be a
+    host-to-device copy that waits); read-only."""
+    return (torch.tensor(mean, dtype=torch.float32).repeat(width).to(device),
+            torch.tensor(std, dtype=torch.float32).repeat(width).to(device))
 
 
 def _cat_ratio_ok(label_crop: np.ndarray, cat_max_ratio: float) -> bool:
