@@ -103,7 +103,8 @@ def class_rles(label: np.ndarray, classes: Sequence[int]) -> dict[int, dict[str,
     values = flat[starts]
     out: dict[int, dict[str, Any]] = {}
     for c in sorted(int(c) for c in classes):
-        s, e = starts[values == c], ends[values == c]  # (k,) this class's runs, in order
+        runs = values == c  # (R,) bool: this class's runs
+        s, e = starts[runs], ends[runs]  # (k,) their starts and ends, in order
         counts = np.empty(2 * len(s) + 1, np.int64)
         counts[0] = s[0]  # 0s before the first run (0 when the class starts the map)
         counts[1::2] = e - s
