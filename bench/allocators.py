@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from machine import cpu_model, median_seconds, random_checkpoint, train_step  # noqa: E402  (bench/machine.py)
+from machine import bare_forward_ms, cpu_model, load_average, median_seconds, random_checkpoint, train_step  # noqa: E402  (bench/machine.py)
 
 from mirseg.data.sources import list_images  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -47,14 +47,7 @@ JOB_SIZE = (1024, 2048)
 def measure(what: str, arch: str, job_images: int) -> float:
     """One figure in this process: seconds per inference / training step / job image."""
     if what == "infer":
-        model = prepare_for_inference(build_model(arch, 19).eval(), channels_last=True)
-        x = torch.randn(1, 3, 512, 1024).contiguous(memory_format=torch.channels_last)
-
-        def forward() -> None:
-            with torch.inference_mode():
-                model(x)["out"]
-
-        return median_seconds(forward, 3)
+        return bare_forward_ms(prepare_for_inference(build_model(arch, 19)), (512, 1024), 3) / 1000
     if what == "train":
         return median_seconds(train_step(arch, 2, (512, 512)), 3)
     with tempfile.TemporaryDirectory(prefix="mirseg-alloc-") as tmp_name:  # what == "job"
@@ -82,10 +75,6 @@ def child(what: str, arch: str, preload: str | None, job_images: int) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         what, arch, job_images = sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -101,7 +90,7 @@ def main() -> None:
         parser.error(f"--preload {args.preload}: no such file; give the allocator's .so, e.g. "
                      "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (Debian/Ubuntu package libjemalloc2)")
     print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"preloaded: {args.preload}; load average {load()}")
+          f"preloaded: {args.preload}; load average {load_average()}")
     print(f"# each figure: a fresh interpreter, system then preloaded, {args.rounds} rounds; medians, and the median "
           "of the per-round ratios")
     rows = [(what, arch) for arch in args.models.split(",") if arch for what in ("infer", "train")]
@@ -118,7 +107,7 @@ def main() -> None:
         preloaded = statistics.median(p for _, p in pairs)
         ratio = statistics.median(p / s for s, p in pairs)
         print(f"| {arch} | {labels[what]} | {1000 * system:.0f} | {1000 * preloaded:.0f} | {ratio:.2f} |", flush=True)
-    print(f"# load average at the end: {load()}")
+    print(f"# load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, load_average, median_seconds, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> None:
 
     print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"onnxruntime {onnxruntime.__version__}, device {device}, load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"{load_average()}")
     print(f"# {args.images} generated {h}x{w} PNG images, img_scale {w}x{h} (no resize), 19 classes, batch "
           f"{args.batch}, {args.workers} loader workers; outputs: label PNG + COCO RLE JSON; best of {args.repeat} "
           "runs")
@@ -142,7 +142,7 @@ def main() -> None:
                 run_cfg = build_config(InferConfig, {**_values(cfg), "amp": amp})
                 ips = end_to_end(run_cfg, pred, args.images, args.repeat, warm)
                 print(f"| {arch} | {name} | {ips:.2f} | {ms:.0f} | {100 * ips * ms / 1000:.0f}% |", flush=True)
-    print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"# load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

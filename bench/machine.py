@@ -6,6 +6,7 @@ with."""
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +25,11 @@ from mirseg.presets import MMSEG_CONFIGS
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 """The two memory layouts the benches time, by the names their tables print."""
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages as the benches print them at their start and end ("0.52 1.10 1.43")."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None,
@@ -132,5 +138,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "median_seconds", "mmseg_config",
-           "native_bf16", "random_checkpoint", "train_step"]
+__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "load_average", "median_seconds",
+           "mmseg_config", "native_bf16", "random_checkpoint", "train_step"]

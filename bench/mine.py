@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import bare_forward_ms, cpu_model, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import bare_forward_ms, cpu_model, load_average, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 from score_quality import default_arms, markdown, per_image_tsv, score_quality  # noqa: E402  (beside this script)
 
 from mirseg.config import MineConfig, build_config  # noqa: E402
@@ -62,10 +62,6 @@ from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.mining.ripu import IMAGE_SCORES  # noqa: E402
 
 CAMVID = Path("/work/shared/data/camvid")
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def mine_config(ckpt: Path, images: str, out_dir: Path, algorithm: str, **extra) -> MineConfig:
@@ -235,7 +231,7 @@ def main() -> None:
                          "(a folder needs --labels: the score-quality table)")
     args.memory = sorted(int(v) for v in args.memory.split(",") if v.strip())
     print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {load()}")
+          f"load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="mirseg-mine-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if scoring:
@@ -245,7 +241,7 @@ def main() -> None:
                 speed(args, tmp)
             if args.memory:
                 memory(args, tmp)
-    print(f"# load average at the end: {load()}")
+    print(f"# load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

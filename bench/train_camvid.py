@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, load_average, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import layout, threads  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     overrides = parse_overrides(args.set)
     plan = threads.plan(int(overrides.get("threads", 0)), args.workers)
     print(f"# {cpu_model()}, torch {torch.__version__}, load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.iters} iterations of batch {args.batch}, "
+          f"{load_average()}; {args.iters} iterations of batch {args.batch}, "
           f"{args.layout}" + (f", {' '.join(args.set)}" if args.set else "") + f"\n# {plan.description}")
     columns = ["preset", "val mIoU", "val mAcc", "val aAcc", "job s/it", "loop s/it", "data wait", "bare step s",
                "step share"] + (["mmseg s/it", "ratio"] if args.reference_python else [])
@@ -125,7 +125,7 @@ def main() -> None:
             print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} | "
                   f"{t['s_per_iter']:.3f} | {100 * t['data_share']:.0f}% | {step:.3f} | "
                   f"{100 * step / t['s_per_iter']:.0f}% |{versus}", flush=True)
-    print(f"# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"# load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
