@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no per-iteration bars from train(); read when tqdm is imported
 
-from machine import cpu_model, load_average  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import MineConfig, TrainConfig, build_config  # noqa: E402
 from mirseg.data.images import write_image  # noqa: E402
@@ -308,7 +308,7 @@ def main() -> None:
         initial = _count(args.initial or ("0.10" if cam else "4"), n)
         final = _count(args.final or ("0.25" if cam else "16"), n)
         batch = max(1, -(-(final - initial) // rounds))  # ceil: the last round reaches at least final
-        print(f"# {cpu_model()}; load average {load_average()}; {data.name} "
+        print(f"# {cpu_signature()}; load average {load_average()}; {data.name} "
               f"({n} pool images{f' at {scale[0]}x{scale[1]}' if cam else ''}); algorithms {', '.join(algorithms)}; "
               f"seeds {seeds}; {initial} + {rounds} x {batch} images, {iters} iterations of batch "
               f"{data.train_overrides['samples_per_gpu']} per round; {args.jobs} one-thread jobs", flush=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from machine import bare_forward_ms, cpu_model, load_average, median_seconds, random_checkpoint, train_step  # noqa: E402  (bench/machine.py)
+from machine import bare_forward_ms, cpu_signature, load_average, median_seconds, random_checkpoint, train_step  # noqa: E402  (bench/machine.py)
 
 from mirseg.data.sources import list_images  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -89,7 +89,8 @@ def main() -> None:
     if not Path(args.preload).is_file():
         parser.error(f"--preload {args.preload}: no such file; give the allocator's .so, e.g. "
                      "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (Debian/Ubuntu package libjemalloc2)")
-    print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"# {cpu_signature()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"preloaded: {args.preload}; load average {load_average()}")
     print(f"# each figure: a fresh interpreter, system then preloaded, {args.rounds} rounds; medians, and the median "
           "of the per-round ratios")

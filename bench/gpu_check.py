@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from gpu_exact import Shapes, agreement, resume_curves, ymir_tasks  # noqa: E402  (c, d, e)
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature  # noqa: E402  (bench/machine.py, beside this script)
 from torch import nn  # noqa: E402
 
 from mirseg.fileio import write_atomic  # noqa: E402
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown networks {unknown}; choose from {', '.join(MODELS)} or 'all'")
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    header = (f"# mirseg GPU check: device {device_name}, torch {torch.__version__}, CPU {cpu_model()} "
+    header = (f"# mirseg GPU check: device {device_name}, torch {torch.__version__}, CPU {cpu_signature()} "
               f"({os.cpu_count()} cores), load average {load}; sizes {name}")
     print(header, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="mirseg-gpu-check-") as tmp:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, load_average, median_seconds, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, load_average, median_seconds, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -107,7 +107,8 @@ def main() -> None:
 
     import onnxruntime
 
-    print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"# {cpu_signature()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"onnxruntime {onnxruntime.__version__}, device {device}, load average "
           f"{load_average()}")
     print(f"# {args.images} generated {h}x{w} PNG images, img_scale {w}x{h} (no resize), 19 classes, batch "

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, load_average  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
             parser.error(f"unknown rule {rule!r}: one of {', '.join(LR_EXPONENTS)}, optionally +warmup")
     seeds = [int(s) for s in args.seeds.split(",")]
     scale = tuple(int(v) for v in args.scale.lower().split("x"))
-    print(f"# {cpu_model()}; load average {load_average()}; batch {args.batch}, "
+    print(f"# {cpu_signature()}; load average {load_average()}; batch {args.batch}, "
           f"CamVid at {scale[0]}x{scale[1]}, random init, {args.jobs} one-thread jobs at once", flush=True)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mirseg-lr-") as tmp, ThreadPoolExecutor(args.jobs) as pool:

@@ -17,7 +17,7 @@ import torch
 from mirseg.checkpoint import atomic_save, make_checkpoint
 from mirseg.constants import IGNORE_INDEX
 from mirseg.loss import segmentation_loss
-from mirseg.machine import cpu_model, native_bf16
+from mirseg.machine import cpu_signature, native_bf16
 from mirseg.models import build_model
 from mirseg.precision import autocast
 from mirseg.predict import prepare_for_inference
@@ -138,5 +138,5 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
-__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_model", "infer_times", "load_average", "median_seconds",
+__all__ = ["LAYOUTS", "bare_forward_ms", "cpu_signature", "infer_times", "load_average", "median_seconds",
            "mmseg_config", "native_bf16", "random_checkpoint", "train_step"]

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import bare_forward_ms, cpu_model, load_average, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
+from machine import bare_forward_ms, cpu_signature, load_average, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 from score_quality import default_arms, markdown, per_image_tsv, score_quality  # noqa: E402  (beside this script)
 
 from mirseg.config import MineConfig, build_config  # noqa: E402
@@ -230,7 +230,8 @@ def main() -> None:
             parser.error(f"--images is a number of generated images for the speed table, got {args.images!r} "
                          "(a folder needs --labels: the score-quality table)")
     args.memory = sorted(int(v) for v in args.memory.split(",") if v.strip())
-    print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"# {cpu_signature()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="mirseg-mine-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import LAYOUTS, cpu_model, infer_times, median_seconds, native_bf16, random_checkpoint, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import LAYOUTS, cpu_signature, infer_times, median_seconds, native_bf16, random_checkpoint, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.config import InferConfig, build_config  # noqa: E402
 from mirseg.data.synthetic import make_dataset  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
     # Emulated bf16 GEMMs run at a few GFLOP/s: a smaller one, once, says as much.
     n16 = args.gemm if native else min(args.gemm, 1024)
     g16 = gemm_gflops(n16, half, device, args.repeat if native else 1, sync)
-    print(f"# {cpu_model()}, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}, device {device}, "
+    print(f"# {cpu_signature()}, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}, device {device}, "
           f"{args.threads} threads, native bf16 {'yes' if native_bf16() else 'no'}; GEMM: {args.gemm}^2 fp32 "
           f"{g32:.0f} GFLOP/s, {n16}^2 {half_name}{'' if native else ' (emulated)'} {g16:.0f} GFLOP/s", flush=True)
     h, w = args.size

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import pretrained  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -133,7 +133,7 @@ def main() -> None:
 
     print(f"\n# {args.preset} on CamVid train -> val, {args.iters} iterations of batch {args.batch} per row "
           f"(seed {args.seed}{f', first {args.limit} images' if args.limit else ''})")
-    print(f"# CPU: {cpu_model()}, {os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+    print(f"# CPU: {cpu_signature()}, {os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"at the start; torch {torch.__version__}")
     print(f"# stand-in: {source_name}, {args.source_iters} iterations, its own val mIoU "
           f"{source_metrics.get('mIoU', float('nan')):.4f}\n")

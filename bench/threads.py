@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from machine import cpu_model, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg.threads import cpu_info, plan  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
         child(args.child, args.repeat, args.batch, args.size)
         return
     cpu = cpu_info()
-    print(f"# {cpu_model()}, {cpu.usable} usable cores (affinity {cpu.affinity}, cgroup quota "
+    print(f"# {cpu_signature()}, {cpu.usable} usable cores (affinity {cpu.affinity}, cgroup quota "
           f"{'none' if cpu.quota is None else f'{cpu.quota:g}'}), load average {os.getloadavg()[0]:.2f}; "
           f"FastSCNN train step, batch {args.batch}, {args.size}x{args.size}, median of {args.repeat}")
     print("| setting | torch threads | alone (s) | two at once (s) | slowdown |")

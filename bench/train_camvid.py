@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_model, load_average, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, load_average, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import layout, threads  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
         sys.exit(f"CamVid not found at {root}; pass --camvid")
     overrides = parse_overrides(args.set)
     plan = threads.plan(int(overrides.get("threads", 0)), args.workers)
-    print(f"# {cpu_model()}, torch {torch.__version__}, load average "
+    print(f"# {cpu_signature()}, torch {torch.__version__}, load average "
           f"{load_average()}; {args.iters} iterations of batch {args.batch}, "
           f"{args.layout}" + (f", {' '.join(args.set)}" if args.set else "") + f"\n# {plan.description}")
     columns = ["preset", "val mIoU", "val mAcc", "val aAcc", "job s/it", "loop s/it", "data wait", "bare step s",

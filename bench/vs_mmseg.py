@@ -43,7 +43,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import LAYOUTS, cpu_model, infer_times, load_average, median_seconds, mmseg_config, native_bf16, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import (  # noqa: E402  (bench/machine.py, beside this script)
+    LAYOUTS,
+    cpu_signature,
+    infer_times,
+    load_average,
+    median_seconds,
+    mmseg_config,
+    native_bf16,
+    train_step,
+)
 
 from mirseg.checkpoint import atomic_save, make_checkpoint  # noqa: E402
 from mirseg.export import export  # noqa: E402
@@ -144,8 +153,7 @@ def main() -> None:
     # "onnx": mirseg's ONNX export on ONNX Runtime (fp32), against the reference as mmseg runs it
     kinds = (["infer/fp32", "infer+/fp32", "onnx/fp32"] + ["infer/bf16", "infer+/bf16"] * bf16
              + ([] if args.no_train else ["train/fp32"] + ["train/bf16"] * bf16))
-    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, native bf16 {'yes' if bf16 else 'no'}"
-          f", load average {load_average()}")
+    print(f"# {cpu_signature()}, {args.threads} threads, torch {torch.__version__}, load average {load_average()}")
     print(f"# inference 1x3x{args.size[0]}x{args.size[1]} ms, train step batch 2 3x{args.train_size[0]}x"
           f"{args.train_size[1]} s; each figure the median of {args.repeat} runs, each ratio the median of "
           f"{args.rounds} rounds (reference, then mirseg)")

@@ -24,10 +24,10 @@ machine's load hits all alike, until :data:`PROBE_BUDGET_S` is spent (at least o
 never moves the job's random stream.
 
 **The cache** is one JSON file, :func:`cache_file` (``$MIRSEG_CACHE/layout.json``, else
-``~/.cache/mirseg/layout.json``), written through :mod:`mirseg.fileio`; its keys are the CPU model,
-the torch version, the network, the task, the size bucket (the working size's pixels to the nearest
-power of two), the torch threads and the precisions tried (:func:`cache_key`). Delete the file, or an
-entry, to probe again.
+``~/.cache/mirseg/layout.json``), written through :mod:`mirseg.fileio`; its keys are the CPU (model name,
+family and model numbers, vector instructions, native bf16: :func:`mirseg.machine.cpu_signature`), the torch
+version, the network, the task, the size bucket (the working size's pixels to the nearest power of two), the
+torch threads and the precisions tried (:func:`cache_key`). Delete the file, or an entry, to probe again.
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def size_bucket(size: tuple[int, int]) -> str:
 
 
 def cache_key(network: str, task: str, size: tuple[int, int], dtypes: tuple[torch.dtype | None, ...]) -> str:
-    """The cache entry of a choice: CPU model, torch version, network, task, size bucket, threads, precisions tried."""
-    return " | ".join((machine.cpu_model(), f"torch {torch.__version__}", network, task, size_bucket(size),
+    """The cache entry of a choice: CPU (:func:`mirseg.machine.cpu_signature`), torch version, network, task, size
+    bucket, threads, precisions tried."""
+    return " | ".join((machine.cpu_signature(), f"torch {torch.__version__}", network, task, size_bucket(size),
                        f"{torch.get_num_threads()} threads", "+".join(DTYPE_NAMES[d] for d in dtypes)))
 
 
@@ -206,7 +207,7 @@ def _said(choice: Choice, network: str, level: int = logging.INFO) -> Choice:
     """Log ``choice`` (on rank 0 of a torchrun job) and return it."""
     if _distributed() and torch_dist.get_rank() != 0:
         level = logging.DEBUG
-    log.log(level, "layout: %s for %s on %s (%s)", choice.name, network, machine.cpu_model(), choice.how)
+    log.log(level, "layout: %s for %s on %s (%s)", choice.name, network, machine.cpu_signature(), choice.how)
     return choice
 
 

@@ -1,9 +1,10 @@
-"""What the machine is, as far as speed depends on it: the CPU's model name, whether it has native bfloat16, and
-whether torch's CPU tensors get huge pages (:func:`huge_pages`, for :mod:`mirseg.allocator`'s log line).
+"""What the machine is, as far as speed depends on it: the CPU's model name and :func:`cpu_signature`, whether it
+has native bfloat16, and whether torch's CPU tensors get huge pages (:func:`huge_pages`, for
+:mod:`mirseg.allocator`'s log line).
 
-All three are read once per process (torch's allocator settles the third at its first allocation). The
-benches print :func:`cpu_model` on their first line, and :mod:`mirseg.layout` keys its cache of layout choices
-on it; :mod:`mirseg.precision` asks :func:`native_bf16` whether bf16 autocast pays on this CPU.
+Each is read once per process (torch's allocator settles huge pages at its first allocation). The benches print
+:func:`cpu_signature` on their first line, and :mod:`mirseg.layout` keys its cache of layout choices on it;
+:mod:`mirseg.precision` asks :func:`native_bf16` whether bf16 autocast pays on this CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,39 @@ def cpu_model() -> str:
         pass
     name = str(torch.cpu.get_capabilities().get("cpu_name") or "")
     return name or platform.processor() or platform.machine()
+
+
+CPU_NUMBERS = ("cpu family", "model", "CPU implementer", "CPU part")
+"""The /proc/cpuinfo fields that tell CPU generations apart where the model name does not: x86's family and
+model numbers, Arm's implementer and part."""
+
+
+def cpu_numbers(cpuinfo: str) -> str:
+    """``"cpu family 25, model 17"`` (x86) or ``"CPU implementer 0x41, CPU part 0xd0c"`` (Arm): the
+    :data:`CPU_NUMBERS` fields of the first processor in the text of /proc/cpuinfo, "" when it has none."""
+    found: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip() and found:
+            break  # the end of the first processor's block
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in CPU_NUMBERS:
+            found.setdefault(key.strip(), value.strip())
+    return ", ".join(f"{k} {found[k]}" for k in CPU_NUMBERS if k in found)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_signature() -> str:
+    """The CPU as the layout cache keys it and the benches name it, e.g. ``AMD EPYC (cpu family 25, model 17;
+    AVX512; native bf16)``: the model name, then what decides which kernels run and is not in a name a VM
+    masks (every AMD EPYC generation can read "AMD EPYC"): the family and model numbers, the widest vector
+    instructions torch dispatches to (``torch.backends.cpu.get_cpu_capability()``) and native bf16."""
+    try:
+        numbers = cpu_numbers(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        numbers = ""
+    parts = [p for p in (numbers, torch.backends.cpu.get_cpu_capability(),
+                         "native bf16" if native_bf16() else "no native bf16") if p]
+    return f"{cpu_model()} ({'; '.join(parts)})"
 
 
 @functools.lru_cache(maxsize=1)

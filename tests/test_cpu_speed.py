@@ -65,11 +65,11 @@ def test_the_probe_keeps_the_fastest_caches_it_and_says_so(caplog):
     assert (first.layout, first.dtype) == ("contiguous", None)
     assert {size for _, size in timer.calls} == {(352, 704)}  # 1024x2048 probed scaled down to <= 512x512 px
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("layout:"))
-    assert line == (f"layout: contiguous fp32 for hrnet_w18s on {machine.cpu_model()} (probe at 352x704: 0.41 s per "
-                    f"image, against channels_last fp32 0.52 s; cached in {layout.cache_file()})")
+    assert line == (f"layout: contiguous fp32 for hrnet_w18s on {machine.cpu_signature()} (probe at 352x704: 0.41 s "
+                    f"per image, against channels_last fp32 0.52 s; cached in {layout.cache_file()})")
     (key, entry), = _entries().items()
     assert key == layout.cache_key("hrnet_w18s", "infer", (1024, 2048), (None,))
-    assert machine.cpu_model() in key and f"torch {torch.__version__}" in key and "2^21 px" in key
+    assert machine.cpu_signature() in key and f"torch {torch.__version__}" in key and "2^21 px" in key
     assert f"{torch.get_num_threads()} threads" in key
     assert entry["layout"] == "contiguous" and entry["probe"] == {"channels_last fp32": 0.52, "contiguous fp32": 0.41}
 
@@ -85,6 +85,50 @@ def test_the_probe_keeps_the_fastest_caches_it_and_says_so(caplog):
         assert choose(args[0], args[1], CPU, args[2], "auto", None, timer).layout == "channels_last"
         assert timer.calls
     assert len(_entries()) == 4
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx512f avx512_bf16
+
+processor\t: 1
+cpu family\t: 23
+model\t\t: 49
+model name\t: AMD EPYC
+"""
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 2100.00
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd40
+
+processor\t: 1
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def test_the_cache_tells_cpu_generations_apart_that_share_a_model_name(monkeypatch):
+    # A VM names a Zen 2 and a Zen 4 EPYC alike; the numbers of the first processor tell them apart.
+    assert machine.cpu_numbers(X86_CPUINFO) == "cpu family 25, model 17"
+    assert machine.cpu_numbers(ARM_CPUINFO) == "CPU implementer 0x41, CPU part 0xd40"
+    assert machine.cpu_numbers("processor\t: 0\nmodel name\t: Some CPU\n") == ""
+    signature = machine.cpu_signature()
+    assert signature.startswith(machine.cpu_model() + " (")
+    assert torch.backends.cpu.get_cpu_capability() in signature
+    assert ("native bf16" if machine.native_bf16() else "no native bf16") in signature
+    key = layout.cache_key("fastscnn", "infer", (512, 512), (None,))
+    machine.cpu_signature.cache_clear()
+    native = machine.native_bf16()
+    monkeypatch.setattr(machine, "native_bf16", lambda: not native)
+    try:  # the same name without (or with) native bf16: another entry of the cache
+        assert layout.cache_key("fastscnn", "infer", (512, 512), (None,)) != key
+    finally:
+        machine.cpu_signature.cache_clear()
 
 
 def test_the_probe_warms_up_then_times_rounds_until_the_budget_is_spent():
