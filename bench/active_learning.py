@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no per-iteration bars from train(); read when tqdm is imported
 
-from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py, beside this script)
+import camvid as camvid_data  # noqa: E402  (bench/camvid.py, beside this script)
+from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py)
 
 from mirseg.config import MineConfig, TrainConfig, build_config  # noqa: E402
 from mirseg.data.images import write_image  # noqa: E402
@@ -52,9 +53,6 @@ from mirseg.infer import load_predictor  # noqa: E402
 from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.train import train  # noqa: E402
-
-CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
-                  "pedestrian", "bicyclist"]
 
 
 class Dataset:
@@ -82,7 +80,7 @@ def camvid(root: Path, scale: tuple[int, int]) -> Dataset:
         raise SystemExit(f"{root} is not the CamVid folder (images/{{train,val}}, labels/{{train,val}}); see --data")
     pool = sorted(str(p) for p in (root / "images" / "train").glob("*.jpg"))
     return Dataset("camvid", pool, root / "labels" / "train", root / "images" / "val", root / "labels" / "val",
-                   CAMVID_CLASSES,
+                   camvid_data.CLASSES,
                    train=dict(crop_size=[scale[1], scale[0]], img_scale=list(scale), samples_per_gpu=4, lr=0.12,
                               lr_scaling="none", pretrained="none"),
                    mine=dict(max_superpixel_per_image=512, superpixel_cell=0, img_scale=list(scale)))
@@ -272,7 +270,7 @@ def _count(value: str, pool: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--camvid", action="store_true", help="CamVid instead of generated data")
-    parser.add_argument("--data", default="/work/shared/data/camvid", help="CamVid folder (read in place)")
+    parser.add_argument("--data", default=str(camvid_data.ROOT), help="CamVid folder (read in place)")
     parser.add_argument("--scale", default="240x180", help="CamVid: WxH it is trained and evaluated at")
     parser.add_argument("--pool", type=int, default=64, help="generated: pool size (default 64)")
     parser.add_argument("--initial", help="labelled at the start: a count, or a share of the pool below 1 "

@@ -31,14 +31,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py, beside this script)
+from camvid import CLASSES, ROOT  # noqa: E402  (bench/camvid.py, beside this script)
+from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py)
 
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import LR_EXPONENTS  # noqa: E402
 
-CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
-           "bicyclist"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +66,7 @@ def run_one(camvid: Path, preset: str, rule: str, iters: int, batch: int, scale:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--camvid", default=str(REPO.parent / "shared" / "data" / "camvid"))
+    parser.add_argument("--camvid", default=str(ROOT))
     parser.add_argument("--presets", default="fastscnn,hrnet_w18s")
     parser.add_argument("--iters", default="fastscnn=1000,hrnet_w18s=300", help="preset=iterations,...")
     parser.add_argument("--rules", default="none,sqrt,linear,none+warmup,sqrt+warmup")

@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import camvid  # noqa: E402  (bench/camvid.py, beside this script)
 from machine import bare_forward_ms, cpu_signature, load_average, random_checkpoint  # noqa: E402  (bench/machine.py, beside this script)
 from score_quality import default_arms, markdown, per_image_tsv, score_quality  # noqa: E402  (beside this script)
 
@@ -61,7 +62,7 @@ from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.mining.ripu import IMAGE_SCORES  # noqa: E402
 
-CAMVID = Path("/work/shared/data/camvid")
+CAMVID = camvid.ROOT
 
 
 def mine_config(ckpt: Path, images: str, out_dir: Path, algorithm: str, **extra) -> MineConfig:

@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from machine import cpu_signature  # noqa: E402  (bench/machine.py, beside this script)
+from camvid import CLASSES, ROOT, require  # noqa: E402  (bench/camvid.py, beside this script)
+from machine import cpu_signature  # noqa: E402  (bench/machine.py)
 
 from mirseg import pretrained  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -39,9 +40,6 @@ from mirseg.data.synthetic import make_street_dataset  # noqa: E402
 from mirseg.fileio import write_atomic  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
-
-CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
-           "bicyclist"]
 
 
 def _list(images: Path, limit: int, out: Path) -> str:
@@ -77,12 +75,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (a check)")
-    parser.add_argument("--camvid", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
+    parser.add_argument("--camvid", default=str(ROOT))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    root = Path(args.camvid)
-    if not (root / "train.json").is_file():
-        sys.exit(f"CamVid not found at {root}; pass --camvid")
+    root = require(Path(args.camvid), "coco")
     model = PRESETS[args.preset].model
     load = os.getloadavg()
 

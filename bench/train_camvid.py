@@ -42,18 +42,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import camvid  # noqa: E402  (bench/camvid.py)
 from machine import cpu_signature, load_average, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
 
 from mirseg import layout, threads  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
 from mirseg.coerce import parse_overrides  # noqa: E402
-from mirseg.config import TrainConfig, build_config  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 REFERENCE_TRAINER = Path(__file__).with_name("mmseg_trainer.py")
-CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
-           "bicyclist"]
 
 
 def reference(python: str, preset: str, root: Path, args: argparse.Namespace, torch_threads: int) -> float:
@@ -74,7 +72,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--layout", choices=["coco", "labels"], default="coco")
-    parser.add_argument("--camvid", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
+    parser.add_argument("--camvid", default=str(camvid.ROOT))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--step-iters", type=int, default=10, help="timed bare steps (default 10)")
     parser.add_argument("--step-warmup", type=int, default=3)
@@ -83,9 +81,7 @@ def main() -> None:
     parser.add_argument("--reference-python", help="python of the mmseg 0.27 environment (bench/mmseg_env.sh)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per preset, each after the reference's (default 1)")
     args = parser.parse_args()
-    root = Path(args.camvid)
-    if not (root / "train.json").is_file():
-        sys.exit(f"CamVid not found at {root}; pass --camvid")
+    root = camvid.require(Path(args.camvid), args.layout)
     overrides = parse_overrides(args.set)
     plan = threads.plan(int(overrides.get("threads", 0)), args.workers)
     print(f"# {cpu_signature()}, torch {torch.__version__}, load average "
@@ -100,17 +96,8 @@ def main() -> None:
             ref = (reference(args.reference_python, name, root, args, plan.torch_threads)
                    if args.reference_python else None)
             with tempfile.TemporaryDirectory() as work:
-                data = {"class_names": CLASSES, "train_images": str(root / "images" / "train"),
-                        "val_images": str(root / "images" / "val")}
-                if args.layout == "coco":
-                    data.update(train_ann=str(root / "train.json"), val_ann=str(root / "val.json"),
-                                ignore_blank_area=True)
-                else:
-                    data.update(train_labels=str(root / "labels" / "train"), val_labels=str(root / "labels" / "val"))
-                cfg = build_config(TrainConfig, {**dict(
-                    data, config_file=name, max_iters=args.iters, interval=args.iters, samples_per_gpu=args.batch,
-                    workers_per_gpu=args.workers, crop_size=[360, 480], img_scale=[480, 360], test_mode="whole",
-                    work_dir=work, log_interval=max(args.iters // 20, 1)), **overrides})
+                cfg = camvid.train_config(name, root, work, iters=args.iters, batch=args.batch, workers=args.workers,
+                                          layout=args.layout, **overrides)
                 t0 = time.perf_counter()
                 result = train(cfg)
                 per_iter = (time.perf_counter() - t0) / args.iters
@@ -119,7 +106,7 @@ def main() -> None:
                 choice = choice or layout.Choice("contiguous")
             with threads.budget(0, 0):  # the reference: every usable core, no workers
                 step = median_seconds(train_step(cfg.model, cfg.samples_per_gpu, tuple(cfg.crop_size),
-                                                 num_classes=len(CLASSES), memory_format=choice.memory_format,
+                                                 num_classes=len(camvid.CLASSES), memory_format=choice.memory_format,
                                                  dtype=choice.dtype), args.step_iters, warmup=args.step_warmup)
             versus = f" {ref:.3f} | {t['s_per_iter'] / ref:.2f} |" if ref is not None else ""
             print(f"| {name} | {m['mIoU']:.4f} | {m['mAcc']:.4f} | {m['aAcc']:.4f} | {per_iter:.3f} | "
