@@ -17,14 +17,21 @@ import torch
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    """The text of /proc/cpuinfo, "" where there is none (macOS, Windows), read once for :func:`cpu_model` and
+    :func:`cpu_signature`."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what torch's cpuinfo or the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     name = str(torch.cpu.get_capabilities().get("cpu_name") or "")
     return name or platform.processor() or platform.machine()
 
@@ -53,11 +60,7 @@ def cpu_signature() -> str:
     AVX512; native bf16)``: the model name, then what decides which kernels run and is not in a name a VM
     masks (every AMD EPYC generation can read "AMD EPYC"): the family and model numbers, the widest vector
     instructions torch dispatches to (``torch.backends.cpu.get_cpu_capability()``) and native bf16."""
-    try:
-        numbers = cpu_numbers(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        numbers = ""
-    parts = [p for p in (numbers, torch.backends.cpu.get_cpu_capability(),
+    parts = [p for p in (cpu_numbers(_cpuinfo()), torch.backends.cpu.get_cpu_capability(),
                          "native bf16" if native_bf16() else "no native bf16") if p]
     return f"{cpu_model()} ({'; '.join(parts)})"
 
