@@ -25,15 +25,15 @@ mIoU over the seeds: the run-to-run noise a difference of precision is to be rea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -42,56 +42,36 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no per-iteration bars from train(); read when tqdm is imported
 
 import camvid  # noqa: E402  (bench/camvid.py, beside this script)
-from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py)
+from machine import amp_labels, cpu_signature, load_average, pixel_agreement, trained_in  # noqa: E402  (bench/machine.py)
 
-from mirseg import layout, threads  # noqa: E402
-from mirseg.checkpoint import read_checkpoint  # noqa: E402
+from mirseg import threads  # noqa: E402
 from mirseg.coerce import parse_overrides  # noqa: E402
 from mirseg.data.labelfolder import load_label_folder  # noqa: E402
-from mirseg.infer import iter_predictions, load_predictor  # noqa: E402
+from mirseg.infer import load_predictor  # noqa: E402
 from mirseg.metrics import ConfusionMatrix  # noqa: E402
 from mirseg.precision import DTYPE_NAMES, ENV_VAR  # noqa: E402
-from mirseg.predict import label_map  # noqa: E402
 from mirseg.train import train  # noqa: E402
 
 
-@contextlib.contextmanager
-def bf16_forced(on: bool) -> Iterator[None]:
-    """``MIRSEG_CPU_BF16=1`` inside (when ``on``), whatever it was before; restored on the way out."""
-    before = os.environ.get(ENV_VAR)
-    if on:
-        os.environ[ENV_VAR] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = before
+def bf16_forced(on: bool) -> AbstractContextManager:
+    """``MIRSEG_CPU_BF16=1`` inside when ``on`` (bf16 autocast whatever the probe finds faster), the environment
+    restored on the way out."""
+    return mock.patch.dict(os.environ, {ENV_VAR: "1"} if on else {})
 
 
 def inference(checkpoint: Path, root: Path, workers: int) -> dict[str, float]:
     """``checkpoint`` on CamVid val in fp32 and in bf16: label agreement and each one's mIoU."""
     predictor = load_predictor(checkpoint, "cpu", img_scale=(480, 360), test_mode="whole")
     samples = load_label_folder(root / "images" / "val", root / "labels" / "val", predictor.num_classes)
-    labels: dict[str, list[torch.Tensor]] = {}
-    out: dict[str, float] = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        cm = ConfusionMatrix(predictor.num_classes)
-        with bf16_forced(bf16):
-            preds = iter_predictions(predictor, [s.image_path for s in samples], workers_per_gpu=workers, amp=bf16,
-                                     layout="channels_last")
-            for pred, sample in zip(preds, samples, strict=True):
-                if pred.error is not None:
-                    raise SystemExit(f"cannot read {pred.path}: {pred.error}")
-                target = torch.from_numpy(sample.load_label().copy())  # (H, W) uint8, 255 void
-                predicted, _ = label_map(pred.proba, tuple(target.shape))  # (H, W) int64
-                cm.update(predicted, target)
-                labels.setdefault(name, []).append(predicted.to(torch.uint8))
-        out[f"mIoU {name}"] = float(cm.compute()["mIoU"])
-    same = sum(int((a == b).sum()) for a, b in zip(labels["fp32"], labels["bf16"]))
-    out["agree"] = same / sum(a.numel() for a in labels["fp32"])
-    return out
+    with bf16_forced(True):  # amp=True means bf16 with it; the fp32 pass has no autocast either way
+        labels = amp_labels(predictor, [s.image_path for s in samples], workers, "channels_last")
+    cms = {amp: ConfusionMatrix(predictor.num_classes) for amp in labels}
+    for i, sample in enumerate(samples):
+        target = torch.from_numpy(sample.load_label().copy())  # (H, W) uint8, 255 void
+        for amp, cm in cms.items():
+            cm.update(labels[amp][i], target)
+    return {"mIoU fp32": float(cms[False].compute()["mIoU"]), "mIoU bf16": float(cms[True].compute()["mIoU"]),
+            "agree": pixel_agreement(labels[False], labels[True])}
 
 
 def run(preset: str, seed: int, bf16: bool, root: Path, args: argparse.Namespace,
@@ -101,8 +81,7 @@ def run(preset: str, seed: int, bf16: bool, root: Path, args: argparse.Namespace
         cfg = camvid.train_config(preset, root, work, iters=args.iters, batch=args.batch, workers=args.workers,
                                   **{"amp": bf16, "seed": seed, "pretrained": "none", **overrides})
         result = train(cfg)
-        choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
-        choice = choice or layout.Choice("contiguous")
+        choice = trained_in(result.last)
         if bf16 and choice.dtype != torch.bfloat16:
             raise SystemExit(f"the bf16 run trained in {DTYPE_NAMES[choice.dtype]}: {ENV_VAR}=1 was not honoured")
         return {"mIoU": float(result.last_metrics["mIoU"]), "s_per_iter": result.timing["s_per_iter"],

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from machine import amp_labels, pixel_agreement  # bench/machine.py, beside this file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mirseg.config import MineConfig, TrainConfig, build_config
 from mirseg.data.synthetic import SyntheticSet, make_dataset
 from mirseg.errors import Interrupted
-from mirseg.infer import iter_predictions, load_predictor
+from mirseg.infer import load_predictor
 from mirseg.mine import mine
-from mirseg.predict import label_map
 from mirseg.train import train
 from mirseg.ymir.workspace import inference_workspace, training_workspace, ymir_coco
 
@@ -70,11 +70,8 @@ def agreement(shapes: Shapes, work: Path, device: torch.device, iters: int, pool
     ckpt = train(shapes.config(work / "toy", device, max_iters=iters, interval=iters)).last
     pool = make_dataset(work / "pool", pool_size, size=shapes.size, num_classes=2, seed=5).images
     paths = sorted(str(p) for p in pool.iterdir())
-    predictor = load_predictor(ckpt, device)
-    labels = {amp: [label_map(p.proba, p.size)[0] for p in iter_predictions(predictor, paths, workers_per_gpu=0,
-                                                                            amp=amp)] for amp in (False, True)}
-    same = sum(int((a == b).sum()) for a, b in zip(labels[False], labels[True]))
-    share = same / sum(a.numel() for a in labels[False])
+    labels = amp_labels(load_predictor(ckpt, device), paths)
+    share = pixel_agreement(labels[False], labels[True])
     overlaps = {}
     for algorithm in ("rsal", "entropy"):
         tops = []

@@ -1,7 +1,7 @@
 """What the benches share: the CPU model every bench prints on its first line (the figures depend on it; read by
 mirseg.machine), the median timer, a network's inference in both layouts (:func:`infer_times`), the bare forward
-pass and the bare training step each job-level figure is a share of, and a random-weight checkpoint to time jobs
-with."""
+pass and the bare training step each job-level figure is a share of, a random-weight checkpoint to time jobs
+with, the layout and precision a training run chose, and the labels of a predictor with and without autocast."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from mirseg.checkpoint import atomic_save, make_checkpoint
+from mirseg import layout
+from mirseg.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from mirseg.constants import IGNORE_INDEX
+from mirseg.infer import iter_predictions
 from mirseg.loss import segmentation_loss
 from mirseg.machine import cpu_signature, native_bf16
 from mirseg.models import build_model
 from mirseg.precision import autocast
-from mirseg.predict import prepare_for_inference
+from mirseg.predict import Predictor, label_map, prepare_for_inference
 from mirseg.presets import MMSEG_CONFIGS
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
@@ -138,5 +140,32 @@ def random_checkpoint(arch: str, path: Path, size: tuple[int, int], num_classes:
     atomic_save(make_checkpoint(model.eval(), arch, names, config=config), path)
 
 
+def trained_in(checkpoint: Path) -> layout.Choice:
+    """The layout and autocast dtype a ``mirseg train`` run chose, from its checkpoint (NCHW fp32 when it records
+    none)."""
+    record = read_checkpoint(checkpoint, trust=True).get("layout")
+    return layout.Choice.from_record(record) or layout.Choice("contiguous")
+
+
+def amp_labels(predictor: Predictor, paths: list[str], workers: int = 0,
+               layout_key: str = "auto") -> dict[bool, list[torch.Tensor]]:
+    """Each image's label map ``(H, W)`` int64 at its original size, as ``mirseg infer`` writes it, without (False)
+    and with (True) autocast; ``layout_key``: ``iter_predictions``' ``layout``. An unreadable image stops the bench."""
+    out = {}
+    for amp in (False, True):
+        out[amp] = []
+        for p in iter_predictions(predictor, paths, workers_per_gpu=workers, amp=amp, layout=layout_key):
+            if p.error is not None:
+                raise SystemExit(f"cannot read {p.path}: {p.error}")
+            out[amp].append(label_map(p.proba, p.size)[0])
+    return out
+
+
+def pixel_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The share of pixels whose label is the same in ``a`` and ``b``, two lists of label maps of the same shapes."""
+    return sum(int((x == y).sum()) for x, y in zip(a, b, strict=True)) / sum(x.numel() for x in a)
+
+
 __all__ = ["LAYOUTS", "bare_forward_ms", "cpu_signature", "infer_times", "load_average", "median_seconds",
-           "mmseg_config", "native_bf16", "random_checkpoint", "train_step"]
+           "mmseg_config", "native_bf16", "amp_labels", "pixel_agreement", "random_checkpoint", "train_step",
+           "trained_in"]

@@ -43,10 +43,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import camvid  # noqa: E402  (bench/camvid.py)
-from machine import cpu_signature, load_average, median_seconds, mmseg_config, train_step  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_signature, load_average, median_seconds, mmseg_config, train_step, trained_in  # noqa: E402  (bench/machine.py, beside this script)
 
-from mirseg import layout, threads  # noqa: E402
-from mirseg.checkpoint import read_checkpoint  # noqa: E402
+from mirseg import threads  # noqa: E402
 from mirseg.coerce import parse_overrides  # noqa: E402
 from mirseg.presets import PRESETS  # noqa: E402
 from mirseg.train import train  # noqa: E402
@@ -102,8 +101,7 @@ def main() -> None:
                 result = train(cfg)
                 per_iter = (time.perf_counter() - t0) / args.iters
                 m, t = result.last_metrics, result.timing
-                choice = layout.Choice.from_record(read_checkpoint(result.last, trust=True).get("layout"))
-                choice = choice or layout.Choice("contiguous")
+                choice = trained_in(result.last)
             with threads.budget(0, 0):  # the reference: every usable core, no workers
                 step = median_seconds(train_step(cfg.model, cfg.samples_per_gpu, tuple(cfg.crop_size),
                                                  num_classes=len(camvid.CLASSES), memory_format=choice.memory_format,
