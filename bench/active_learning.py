@@ -76,8 +76,7 @@ def generated(root: Path, pool: int, seed: int) -> Dataset:
 
 
 def camvid(root: Path, scale: tuple[int, int]) -> Dataset:
-    if not (root / "images" / "train").is_dir() or not (root / "labels" / "val").is_dir():
-        raise SystemExit(f"{root} is not the CamVid folder (images/{{train,val}}, labels/{{train,val}}); see --data")
+    camvid_data.require(root, "labels", "--data")
     pool = sorted(str(p) for p in (root / "images" / "train").glob("*.jpg"))
     return Dataset("camvid", pool, root / "labels" / "train", root / "images" / "val", root / "labels" / "val",
                    camvid_data.CLASSES,

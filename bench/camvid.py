@@ -21,12 +21,13 @@ CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol",
 """Label value i is ``CLASSES[i]``."""
 
 
-def require(root: Path, layout: str = "labels") -> Path:
-    """``root``, or exit naming what is missing and the flag that points elsewhere."""
-    need = [root / "train.json", root / "val.json"] if layout == "coco" else [root / "labels" / "val"]
+def require(root: Path, layout: str = "labels", flag: str = "--camvid") -> Path:
+    """``root``, or exit naming what is missing and the bench's ``flag`` that points elsewhere."""
+    need = ([root / "train.json", root / "val.json"] if layout == "coco"
+            else [root / "labels" / "train", root / "labels" / "val"])
     missing = [p for p in [root / "images" / "train", root / "images" / "val", *need] if not p.exists()]
     if missing:
-        sys.exit(f"CamVid not found at {root} (no {missing[0]}); pass --camvid DIR")
+        sys.exit(f"CamVid not found at {root} (no {missing[0]}); pass {flag} DIR")
     return root
 
 

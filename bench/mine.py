@@ -62,8 +62,6 @@ from mirseg.mine import mine  # noqa: E402
 from mirseg.mining import ALGORITHMS  # noqa: E402
 from mirseg.mining.ripu import IMAGE_SCORES  # noqa: E402
 
-CAMVID = camvid.ROOT
-
 
 def mine_config(ckpt: Path, images: str, out_dir: Path, algorithm: str, **extra) -> MineConfig:
     return build_config(MineConfig, dict(checkpoint=str(ckpt), images=images, out_dir=str(out_dir),
@@ -197,7 +195,8 @@ def main() -> None:
     parser.add_argument("--memory-size", type=_size, default=(128, 256), help="memory: image size (default 128x256)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed table")
     quality_args = parser.add_argument_group("score quality (instead of speed and memory)")
-    quality_args.add_argument("--camvid", action="store_true", help=f"CamVid val: {CAMVID}/images/val + labels/val")
+    quality_args.add_argument("--camvid", action="store_true",
+                              help=f"CamVid val: {camvid.ROOT}/images/val + labels/val")
     quality_args.add_argument("--labels", help="label PNG folder for --images (same stems, 255 = void)")
     quality_args.add_argument("--checkpoint", help="the trained mirseg checkpoint to measure")
     quality_args.add_argument("--img-scale", type=_scale, default=None,
@@ -220,8 +219,8 @@ def main() -> None:
     scoring = args.camvid or args.labels is not None
     if scoring:
         if args.camvid:
-            args.images = args.images or str(CAMVID / "images" / "val")
-            args.labels = args.labels or str(CAMVID / "labels" / "val")
+            args.images = args.images or str(camvid.ROOT / "images" / "val")
+            args.labels = args.labels or str(camvid.ROOT / "labels" / "val")
         if not args.checkpoint or not args.images:
             parser.error("score quality needs --checkpoint and --images (with --labels or --camvid)")
     else:

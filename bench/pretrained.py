@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from camvid import CLASSES, ROOT, require  # noqa: E402  (bench/camvid.py, beside this script)
-from machine import cpu_signature  # noqa: E402  (bench/machine.py)
+from machine import cpu_signature, load_average  # noqa: E402  (bench/machine.py)
 
 from mirseg import pretrained  # noqa: E402
 from mirseg.checkpoint import read_checkpoint  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     root = require(Path(args.camvid), "coco")
     model = PRESETS[args.preset].model
-    load = os.getloadavg()
+    load = load_average()  # at the start
 
     with tempfile.TemporaryDirectory(prefix="mirseg-bench-pretrained-") as tmp:
         tmp = Path(tmp)
@@ -129,8 +129,8 @@ def main() -> None:
 
     print(f"\n# {args.preset} on CamVid train -> val, {args.iters} iterations of batch {args.batch} per row "
           f"(seed {args.seed}{f', first {args.limit} images' if args.limit else ''})")
-    print(f"# CPU: {cpu_signature()}, {os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"at the start; torch {torch.__version__}")
+    print(f"# CPU: {cpu_signature()}, {os.cpu_count()} cores; load average {load} at the start"
+          f"; torch {torch.__version__}")
     print(f"# stand-in: {source_name}, {args.source_iters} iterations, its own val mIoU "
           f"{source_metrics.get('mIoU', float('nan')):.4f}\n")
     print("| start | trained before on | file the run started from | val mIoU | val mAcc | val aAcc | s/iter |")
